@@ -1,0 +1,125 @@
+"""Leaf layers with PyTorch semantics: bias-free convolution, BatchNorm, max-pool."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shufflenet_jax import ops
+
+Array = jax.Array
+
+DEFAULT_DEPTHWISE_IMPL = "shifted"
+DEFAULT_POINTWISE_IMPL = "dot"
+
+
+def _conv_kind(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int
+) -> str:
+    if groups == 1 and kernel_size == 1 and stride == 1:
+        return "pointwise"
+    if groups == in_channels == out_channels and groups > 1:
+        return "depthwise"
+    if groups == 1:
+        return "dense"
+    raise ValueError(
+        f"unsupported convolution: {in_channels}->{out_channels} channels with groups={groups}"
+    )
+
+
+class Conv2d(nnx.Module):
+    """Bias-free 2-D convolution padded by kernel_size//2 on every side (PyTorch's `padding=k//2`).
+
+    `kernel` is HWIO: (k, k, in_channels // groups, out_channels). 1x1 and depthwise convolutions
+    dispatch to the implementation named by `impl` (`ops.POINTWISE_IMPLS`, `ops.DEPTHWISE_IMPLS`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
+        pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
+        rngs: nnx.Rngs,
+    ):
+        self.kind = _conv_kind(in_channels, out_channels, kernel_size, stride, groups)
+        if self.kind == "depthwise" and depthwise_impl not in ops.DEPTHWISE_IMPLS:
+            raise ValueError(
+                f"unknown depthwise_impl {depthwise_impl!r}; "
+                f"choose from {sorted(ops.DEPTHWISE_IMPLS)}"
+            )
+        if self.kind == "pointwise" and pointwise_impl not in ops.POINTWISE_IMPLS:
+            raise ValueError(
+                f"unknown pointwise_impl {pointwise_impl!r}; "
+                f"choose from {sorted(ops.POINTWISE_IMPLS)}"
+            )
+        self.impl = {"depthwise": depthwise_impl, "pointwise": pointwise_impl}.get(self.kind, "lax")
+        self.stride = stride
+        self.groups = groups
+        shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
+        init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+        self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+    def __call__(self, x: Array) -> Array:
+        kernel = self.kernel[...]
+        if self.kind == "pointwise":
+            return ops.POINTWISE_IMPLS[self.impl](x, kernel)
+        if self.kind == "depthwise":
+            return ops.DEPTHWISE_IMPLS[self.impl](x, kernel, self.stride)
+        return ops.conv_lax(x, kernel, self.stride)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over N, H, W with PyTorch's defaults (eps 1e-5, momentum 0.1 == Flax 0.9).
+
+    Statistics are computed in float32. In training mode the running variance is updated with the
+    biased batch variance (Flax's convention) unless `unbiased_running_var=True`, which stores the
+    unbiased n/(n-1) estimate as PyTorch does; normalisation always uses the biased variance.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        unbiased_running_var: bool = False,
+        use_running_average: bool = False,
+    ):
+        self.num_features = num_features
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.unbiased_running_var = unbiased_running_var
+        self.use_running_average = use_running_average
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: Array) -> Array:
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            xf = x.astype(jnp.float32)
+            mean = xf.mean(axis=(0, 1, 2))
+            var = jnp.square(xf - mean).mean(axis=(0, 1, 2))
+            n = x.shape[0] * x.shape[1] * x.shape[2]
+            stored_var = var * (n / max(n - 1, 1)) if self.unbiased_running_var else var
+            m = self.momentum
+            self.mean[...] = m * self.mean[...] + (1 - m) * mean
+            self.var[...] = m * self.var[...] + (1 - m) * stored_var
+        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+        dt = x.dtype
+        return (x - mean.astype(dt)) * inv.astype(dt) + self.bias[...].astype(dt)
+
+
+class MaxPool(nnx.Module):
+    """PyTorch's MaxPool2d(kernel_size=3, stride=2, padding=1); parameter-free."""
+
+    def __call__(self, x: Array) -> Array:
+        return ops.max_pool_3x3_s2(x)

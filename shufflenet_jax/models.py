@@ -1,0 +1,207 @@
+"""ShuffleNet V2 (Ma et al., ECCV 2018) in Flax NNX, laid out like torchvision's implementation.
+
+Attribute names follow torchvision (`conv1`, `maxpool`, `stage2`..`stage4`, `branch1`, `branch2`,
+`conv5`, `fc`), and every torchvision `nn.Sequential` is an `nnx.Sequential`, so the state_dict key
+`stage2.0.branch2.3.weight` is the model path `stage2.layers.0.branch2.layers.3.kernel`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shufflenet_jax import ops
+from shufflenet_jax.layers import (
+    DEFAULT_DEPTHWISE_IMPL,
+    DEFAULT_POINTWISE_IMPL,
+    BatchNorm,
+    Conv2d,
+    MaxPool,
+)
+
+Array = jax.Array
+
+STAGE_REPEATS = (4, 8, 4)
+# width -> output channels of conv1, stage2, stage3, stage4, conv5 (paper Table 5).
+STAGE_OUT_CHANNELS: dict[float, tuple[int, int, int, int, int]] = {
+    0.5: (24, 48, 96, 192, 1024),
+    1.0: (24, 116, 232, 464, 1024),
+    1.5: (24, 176, 352, 704, 1024),
+    2.0: (24, 244, 488, 976, 2048),
+}
+STAGE_NAMES = ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
+
+
+def check_width(width: float | str) -> float:
+    """Return `width` as one of the four ShuffleNet V2 widths, or raise naming the valid ones."""
+    try:
+        w = float(str(width).lower().removesuffix("x"))
+    except ValueError:
+        w = None
+    if w not in STAGE_OUT_CHANNELS:
+        valid = ", ".join(f"{k}" for k in STAGE_OUT_CHANNELS)
+        raise ValueError(f"unknown ShuffleNet V2 width {width!r}; valid widths are {valid}")
+    return w
+
+
+class ShuffleUnit(nnx.Module):
+    """The ShuffleNet V2 building block (torchvision's `InvertedResidual`).
+
+    Stride 1: split the channels in half, keep one half, transform the other with `branch2`.
+    Stride 2: both `branch1` and `branch2` see the whole input and halve the resolution.
+    Either way the halves are concatenated and shuffled with two groups.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        *,
+        depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
+        pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
+        unbiased_running_var: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if stride not in (1, 2):
+            raise ValueError(f"ShuffleUnit stride must be 1 or 2, got {stride}")
+        if out_channels % 2:
+            raise ValueError(
+                f"ShuffleUnit output channels must be even (two equal branches), got {out_channels}"
+            )
+        half = out_channels // 2
+        if stride == 1 and in_channels != out_channels:
+            raise ValueError(
+                "a stride-1 ShuffleUnit keeps its channel count: "
+                f"in_channels={in_channels} != out_channels={out_channels}"
+            )
+        self.stride = stride
+
+        def conv(cin, cout, k, s=1, groups=1):
+            return Conv2d(
+                cin,
+                cout,
+                k,
+                stride=s,
+                groups=groups,
+                depthwise_impl=depthwise_impl,
+                pointwise_impl=pointwise_impl,
+                rngs=rngs,
+            )
+
+        def bn(c):
+            return BatchNorm(c, unbiased_running_var=unbiased_running_var)
+
+        if stride == 2:
+            self.branch1 = nnx.Sequential(
+                conv(in_channels, in_channels, 3, stride, groups=in_channels),
+                bn(in_channels),
+                conv(in_channels, half, 1),
+                bn(half),
+                nnx.relu,
+            )
+        else:
+            self.branch1 = None
+        branch2_in = in_channels if stride == 2 else half
+        self.branch2 = nnx.Sequential(
+            conv(branch2_in, half, 1),
+            bn(half),
+            nnx.relu,
+            conv(half, half, 3, stride, groups=half),
+            bn(half),
+            conv(half, half, 1),
+            bn(half),
+            nnx.relu,
+        )
+
+    def __call__(self, x: Array) -> Array:
+        if self.stride == 1:
+            x1, x2 = jnp.split(x, 2, axis=-1)
+            out = jnp.concatenate([x1, self.branch2(x2)], axis=-1)
+        else:
+            out = jnp.concatenate([self.branch1(x), self.branch2(x)], axis=-1)
+        return ops.channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nnx.Module):
+    """ShuffleNet V2 for NHWC RGB images of any size (down to 1x1), returning class logits.
+
+    `depthwise_impl` / `pointwise_impl` pick how the depthwise 3x3 and 1x1 convolutions are computed
+    (all choices compute the same function). `unbiased_running_var=True` makes BatchNorm's running
+    variance follow PyTorch (unbiased) instead of Flax (biased); it only matters in training mode.
+    """
+
+    def __init__(
+        self,
+        width: float | str = 1.0,
+        num_classes: int = 1000,
+        *,
+        depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
+        pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
+        unbiased_running_var: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.width = check_width(width)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        c1, *stage_channels, c5 = STAGE_OUT_CHANNELS[self.width]
+        kw = dict(
+            depthwise_impl=depthwise_impl,
+            pointwise_impl=pointwise_impl,
+            rngs=rngs,
+        )
+        bn_kw = dict(unbiased_running_var=unbiased_running_var)
+
+        self.conv1 = nnx.Sequential(
+            Conv2d(3, c1, 3, stride=2, **kw), BatchNorm(c1, **bn_kw), nnx.relu
+        )
+        self.maxpool = MaxPool()
+        cin = c1
+        for name, repeats, cout in zip(
+            ("stage2", "stage3", "stage4"), STAGE_REPEATS, stage_channels, strict=False
+        ):
+            units = [ShuffleUnit(cin, cout, 2, **bn_kw, **kw)]
+            units += [ShuffleUnit(cout, cout, 1, **bn_kw, **kw) for _ in range(repeats - 1)]
+            setattr(self, name, nnx.Sequential(*units))
+            cin = cout
+        self.conv5 = nnx.Sequential(Conv2d(cin, c5, 1, **kw), BatchNorm(c5, **bn_kw), nnx.relu)
+        self.fc = nnx.Linear(c5, num_classes, rngs=rngs)
+
+    def stages(self, x: Array) -> dict[str, Array]:
+        """Outputs of every stage in `STAGE_NAMES` and the logits (`fc`), for stage-wise checks."""
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(
+                "ShuffleNetV2 expects NHWC RGB input of shape (batch, height, width, 3), "
+                f"got {x.shape}"
+            )
+        out = {}
+        for name in STAGE_NAMES:
+            x = getattr(self, name)(x)
+            out[name] = x
+        out["fc"] = self.fc(x.mean(axis=(1, 2)))
+        return out
+
+    def __call__(self, x: Array) -> Array:
+        return self.stages(x)["fc"]
+
+
+def shufflenet_v2_x0_5(num_classes: int = 1000, *, rngs: nnx.Rngs, **kwargs) -> ShuffleNetV2:
+    """ShuffleNet V2 0.5x (torchvision's `shufflenet_v2_x0_5`)."""
+    return ShuffleNetV2(0.5, num_classes, rngs=rngs, **kwargs)
+
+
+def shufflenet_v2_x1_0(num_classes: int = 1000, *, rngs: nnx.Rngs, **kwargs) -> ShuffleNetV2:
+    """ShuffleNet V2 1.0x (torchvision's `shufflenet_v2_x1_0`)."""
+    return ShuffleNetV2(1.0, num_classes, rngs=rngs, **kwargs)
+
+
+def shufflenet_v2_x1_5(num_classes: int = 1000, *, rngs: nnx.Rngs, **kwargs) -> ShuffleNetV2:
+    """ShuffleNet V2 1.5x (torchvision's `shufflenet_v2_x1_5`)."""
+    return ShuffleNetV2(1.5, num_classes, rngs=rngs, **kwargs)
+
+
+def shufflenet_v2_x2_0(num_classes: int = 1000, *, rngs: nnx.Rngs, **kwargs) -> ShuffleNetV2:
+    """ShuffleNet V2 2.0x (torchvision's `shufflenet_v2_x2_0`)."""
+    return ShuffleNetV2(2.0, num_classes, rngs=rngs, **kwargs)

@@ -1,0 +1,106 @@
+"""Array functions behind the ShuffleNet V2 layers: channel shuffle and convolution variants.
+
+All functions take and return NHWC arrays. Each convolution kind has several implementations that
+compute the same function; they differ only in how XLA compiles them (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@partial(jax.jit, static_argnames="groups")
+def channel_shuffle(x: Array, groups: int) -> Array:
+    """Interleave `groups` channel groups: output k*groups+g is input channel g*(C/groups)+k."""
+    if x.ndim != 4:
+        raise ValueError(f"channel_shuffle expects an NHWC array of rank 4, got shape {x.shape}")
+    n, h, w, c = x.shape
+    if groups < 1 or c % groups:
+        raise ValueError(
+            f"channel_shuffle: {c} channels cannot be split into {groups} equal groups"
+        )
+    return x.reshape(n, h, w, groups, c // groups).swapaxes(3, 4).reshape(n, h, w, c)
+
+
+def conv_lax(x: Array, kernel: Array, stride: int, groups: int = 1) -> Array:
+    """Reference convolution via lax.conv, padded k//2 on every side (PyTorch's `padding=k//2`)."""
+    pad = kernel.shape[0] // 2
+    return lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        window_strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dimension_numbers=_NHWC,
+        feature_group_count=groups,
+    )
+
+
+def depthwise_lax(x: Array, kernel: Array, stride: int) -> Array:
+    """Depthwise conv as a grouped `lax.conv` (kernel HWIO with I=1): the reference path."""
+    return conv_lax(x, kernel, stride, groups=x.shape[-1])
+
+
+def depthwise_shifted(x: Array, kernel: Array, stride: int) -> Array:
+    """Depthwise conv as kh*kw shifted multiply-adds over the padded input.
+
+    XLA fuses the whole sum into one element-wise loop, which on CPU is an order of magnitude faster
+    than the grouped convolution (../shared/reference/cpu_measurements.md).
+    """
+    kh, kw = kernel.shape[:2]
+    n, h, w, c = x.shape
+    ph, pw = kh // 2, kw // 2
+    ho, wo = (h + 2 * ph - kh) // stride + 1, (w + 2 * pw - kw) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    k = kernel.astype(x.dtype)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            window = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                (1, stride, stride, 1),
+            )
+            term = window * k[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def pointwise_lax(x: Array, kernel: Array) -> Array:
+    """1x1 convolution through `lax.conv`: the reference path."""
+    return conv_lax(x, kernel, stride=1)
+
+
+def pointwise_dot(x: Array, kernel: Array) -> Array:
+    """1x1 convolution as a channel contraction (one dot_general)."""
+    return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0].astype(x.dtype))
+
+
+DEPTHWISE_IMPLS: dict[str, Callable[[Array, Array, int], Array]] = {
+    "lax": depthwise_lax,
+    "shifted": depthwise_shifted,
+}
+POINTWISE_IMPLS: dict[str, Callable[[Array, Array], Array]] = {
+    "lax": pointwise_lax,
+    "dot": pointwise_dot,
+}
+
+
+def max_pool_3x3_s2(x: Array) -> Array:
+    """PyTorch's MaxPool2d(3, stride=2, padding=1): padding never wins the max."""
+    return lax.reduce_window(
+        x,
+        jnp.array(-jnp.inf, x.dtype),
+        lax.max,
+        window_dimensions=(1, 3, 3, 1),
+        window_strides=(1, 2, 2, 1),
+        padding=((0, 0), (1, 1), (1, 1), (0, 0)),
+    )

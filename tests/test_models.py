@@ -1,0 +1,177 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from shufflenet_jax import ShuffleNetV2, ShuffleUnit, shufflenet_v2_x0_5, shufflenet_v2_x2_0
+from shufflenet_jax.summary import param_count
+
+TORCHVISION_PARAMS = {0.5: 1_366_792, 1.0: 2_278_604, 1.5: 3_503_624, 2.0: 7_393_996}
+
+
+def abstract_model(width, num_classes=1000):
+    return nnx.eval_shape(lambda: ShuffleNetV2(width, num_classes, rngs=nnx.Rngs(0)))
+
+
+def output_shape(model, shape):
+    model = nnx.clone(model)
+    model.eval()
+    return nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+
+
+@pytest.fixture(scope="module")
+def model():
+    return shufflenet_v2_x0_5(num_classes=10, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("width", sorted(TORCHVISION_PARAMS))
+def test_parameter_count_equals_torchvision(width):
+    assert param_count(abstract_model(width)) == TORCHVISION_PARAMS[width]
+
+
+@pytest.mark.parametrize("width", ["0.5", "1.0x", 1.5, 2])
+def test_width_accepts_names_and_numbers(width):
+    assert abstract_model(width).width == float(str(width).removesuffix("x"))
+
+
+def test_named_constructor_builds_the_named_width():
+    m = nnx.eval_shape(lambda: shufflenet_v2_x2_0(num_classes=7, rngs=nnx.Rngs(0)))
+    assert (m.width, m.num_classes, m.fc.kernel.shape) == (2.0, 7, (2048, 7))
+
+
+@pytest.mark.parametrize("width", sorted(TORCHVISION_PARAMS))
+@pytest.mark.parametrize("hw", [(224, 224), (32, 32), (1, 1), (193, 257)])
+def test_output_shape_for_any_input_size(width, hw):
+    assert output_shape(abstract_model(width, 17), (2, *hw, 3)) == (2, 17)
+
+
+def test_stage_shapes_follow_the_paper_at_224():
+    m = nnx.clone(abstract_model(1.0))
+    m.eval()
+    stages = nnx.eval_shape(
+        lambda m, x: m.stages(x), m, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    )
+    shapes = {k: v.shape for k, v in stages.items()}
+    assert shapes == {
+        "conv1": (1, 112, 112, 24),
+        "maxpool": (1, 56, 56, 24),
+        "stage2": (1, 28, 28, 116),
+        "stage3": (1, 14, 14, 232),
+        "stage4": (1, 7, 7, 464),
+        "conv5": (1, 7, 7, 1024),
+        "fc": (1, 1000),
+    }
+
+
+def test_module_paths_mirror_torchvision_names():
+    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract_model(1.0)))}
+    for expected in [
+        "conv1.layers.0.kernel",
+        "conv1.layers.1.mean",
+        "stage2.layers.0.branch1.layers.0.kernel",
+        "stage2.layers.0.branch1.layers.3.var",
+        "stage3.layers.7.branch2.layers.5.kernel",
+        "stage4.layers.3.branch2.layers.6.scale",
+        "conv5.layers.0.kernel",
+        "conv5.layers.1.bias",
+        "fc.kernel",
+        "fc.bias",
+    ]:
+        assert expected in paths
+    assert not any(p.startswith("stage2.layers.1.branch1") for p in paths)
+
+
+def batch_stats(model):
+    """A copy of the BatchNorm running statistics (nnx.state shares the live buffers)."""
+    return jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+
+
+def test_train_mode_updates_batchnorm_statistics_and_eval_mode_does_not(model):
+    m = nnx.clone(model)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    before = batch_stats(m)
+    m.eval()
+    nnx.jit(lambda m, x: m(x))(m, x)
+    after_eval = batch_stats(m)
+    jax.tree.map(np.testing.assert_array_equal, before, after_eval)
+    m.train()
+    nnx.jit(lambda m, x: m(x))(m, x)
+    after_train = batch_stats(m)
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after_train))
+    n_batchnorms = 1 + 3 * 5 + 13 * 3 + 1  # conv1, first units, other units, conv5
+    assert len(changed) == 2 * n_batchnorms and all(changed)
+
+
+def test_eval_output_uses_running_statistics(model):
+    """In eval mode the output does not depend on the other images in the batch."""
+    m = nnx.clone(model)
+    m.eval()
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    f = nnx.jit(lambda m, x: m(x))
+    np.testing.assert_allclose(f(m, x)[:1], f(m, x[:1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_jit_and_eager_agree(model, mode):
+    m = nnx.clone(model)
+    getattr(m, mode)()
+    x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+    eager_model, jit_model = nnx.clone(m), nnx.clone(m)
+    eager = eager_model(x)
+    jitted = nnx.jit(lambda m, x: m(x))(jit_model, x)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        batch_stats(eager_model),
+        batch_stats(jit_model),
+    )
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_conv_implementations_compute_the_same_network(model, mode):
+    fast = nnx.clone(model)
+    ref = ShuffleNetV2(0.5, 10, depthwise_impl="lax", pointwise_impl="lax", rngs=nnx.Rngs(1))
+    nnx.update(ref, nnx.state(fast))
+    getattr(fast, mode)()
+    getattr(ref, mode)()
+    # 64x64 and 4 images leave 16 values per channel for stage4's batch statistics; with fewer,
+    # train-mode BatchNorm amplifies rounding differences beyond any meaningful tolerance.
+    x = jax.random.normal(jax.random.key(3), (4, 64, 64, 3))
+    f = nnx.jit(lambda m, x: m(x))
+    np.testing.assert_allclose(f(fast, x), f(ref, x), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_width_is_rejected():
+    with pytest.raises(
+        ValueError, match=r"unknown ShuffleNet V2 width 0.75; valid widths are 0.5, 1.0"
+    ):
+        ShuffleNetV2(0.75, rngs=nnx.Rngs(0))
+
+
+def test_stride_other_than_one_or_two_is_rejected():
+    with pytest.raises(ValueError, match="stride must be 1 or 2, got 3"):
+        ShuffleUnit(24, 48, 3, rngs=nnx.Rngs(0))
+
+
+def test_odd_output_channels_are_rejected():
+    with pytest.raises(ValueError, match="output channels must be even.*got 25"):
+        ShuffleUnit(24, 25, 2, rngs=nnx.Rngs(0))
+
+
+def test_stride_one_unit_must_keep_channel_count():
+    with pytest.raises(ValueError, match="in_channels=24 != out_channels=48"):
+        ShuffleUnit(24, 48, 1, rngs=nnx.Rngs(0))
+
+
+def test_unknown_conv_implementation_is_rejected():
+    with pytest.raises(ValueError, match="unknown depthwise_impl 'fast'"):
+        ShuffleNetV2(0.5, depthwise_impl="fast", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 3), (1, 32, 32, 1), (1, 3, 32, 32), (1, 1, 32, 32, 3)])
+def test_input_must_be_rank4_nhwc_rgb(model, shape):
+    with pytest.raises(
+        ValueError, match=r"expects NHWC RGB input of shape \(batch, height, width, 3\)"
+    ):
+        model(jnp.zeros(shape))

@@ -1,0 +1,71 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shufflenet_jax import ops
+from shufflenet_jax.ops import channel_shuffle
+
+SHAPES = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3))
+
+
+@settings(max_examples=25, deadline=None)
+@given(nhw=SHAPES, groups=st.integers(1, 5), per_group=st.integers(1, 6))
+def test_channel_shuffle_matches_reference_permutation(nhw, groups, per_group):
+    c = groups * per_group
+    x = np.random.default_rng(0).standard_normal((*nhw, c)).astype(np.float32)
+    y = np.asarray(channel_shuffle(jnp.asarray(x), groups))
+    for g in range(groups):
+        for k in range(per_group):
+            np.testing.assert_array_equal(y[..., k * groups + g], x[..., g * per_group + k])
+
+
+@settings(max_examples=25, deadline=None)
+@given(nhw=SHAPES, groups=st.integers(1, 5), per_group=st.integers(1, 6))
+def test_channel_shuffle_then_inverse_group_count_is_identity(nhw, groups, per_group):
+    c = groups * per_group
+    x = jnp.arange(np.prod(nhw) * c, dtype=jnp.float32).reshape(*nhw, c)
+    np.testing.assert_array_equal(channel_shuffle(channel_shuffle(x, groups), per_group), x)
+
+
+def test_channel_shuffle_rejects_channels_not_divisible_by_groups():
+    with pytest.raises(ValueError, match="7 channels cannot be split into 2"):
+        channel_shuffle(jnp.zeros((1, 2, 2, 7)), 2)
+
+
+def test_channel_shuffle_rejects_non_nhwc_input():
+    with pytest.raises(ValueError, match="rank 4"):
+        channel_shuffle(jnp.zeros((2, 6)), 2)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(1, 1), (5, 7), (8, 8)])
+def test_depthwise_implementations_agree(stride, hw):
+    kx, kk = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, *hw, 6))
+    kernel = jax.random.normal(kk, (3, 3, 1, 6))
+    ref = ops.depthwise_lax(x, kernel, stride)
+    got = ops.depthwise_shifted(x, kernel, stride)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_implementations_agree():
+    kx, kk = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (2, 5, 3, 12))
+    kernel = jax.random.normal(kk, (1, 1, 12, 10))
+    np.testing.assert_allclose(
+        ops.pointwise_dot(x, kernel), ops.pointwise_lax(x, kernel), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_max_pool_matches_torch():
+    import torch
+
+    x = np.random.default_rng(0).standard_normal((2, 7, 6, 3)).astype(np.float32) - 3.0
+    ref = torch.nn.functional.max_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 3, 2, 1)
+    np.testing.assert_array_equal(
+        ops.max_pool_3x3_s2(jnp.asarray(x)), ref.permute(0, 2, 3, 1).numpy()
+    )
