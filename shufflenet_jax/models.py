@@ -205,3 +205,16 @@ def shufflenet_v2_x1_5(num_classes: int = 1000, *, rngs: nnx.Rngs, **kwargs) -> 
 def shufflenet_v2_x2_0(num_classes: int = 1000, *, rngs: nnx.Rngs, **kwargs) -> ShuffleNetV2:
     """ShuffleNet V2 2.0x (torchvision's `shufflenet_v2_x2_0`)."""
     return ShuffleNetV2(2.0, num_classes, rngs=rngs, **kwargs)
+
+
+def abstract_model(width: float | str = 1.0, num_classes: int = 1000, **kwargs) -> ShuffleNetV2:
+    """The model with `jax.ShapeDtypeStruct` leaves: built without computing, to be filled by
+    `with_values` from a checkpoint or converted weights."""
+    return nnx.eval_shape(lambda: ShuffleNetV2(width, num_classes, rngs=nnx.Rngs(0), **kwargs))
+
+
+def with_values(abstract: ShuffleNetV2, values: dict) -> ShuffleNetV2:
+    """A concrete copy of `abstract` holding `values`, a pure dict as `nnx.to_pure_dict` makes."""
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
+    return nnx.merge(graphdef, state)

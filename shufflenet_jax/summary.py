@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shufflenet_jax.layers import Conv2d
-from shufflenet_jax.models import STAGE_OUT_CHANNELS, ShuffleNetV2, check_width
+from shufflenet_jax.models import STAGE_OUT_CHANNELS, ShuffleNetV2, abstract_model, check_width
 
 # Paper Table 8, complexity in MFLOPs (multiply-adds) at 224x224.
 PAPER_MFLOPS = {0.5: 41, 1.0: 146, 1.5: 299, 2.0: 591}
@@ -123,7 +123,7 @@ def summarize(width: float | str, height: int = 224, w: int | None = None, num_c
     """The summary as a dict: rows, totals, and how the MAC count relates to the paper's."""
     width = check_width(width)
     w = height if w is None else w
-    model = nnx.eval_shape(lambda: ShuffleNetV2(width, num_classes, rngs=nnx.Rngs(0)))
+    model = abstract_model(width, num_classes)
     rows = layer_rows(model, height, w)
     params = param_count(model)
     macs = sum(r.macs for r in rows)

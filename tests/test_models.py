@@ -5,13 +5,10 @@ import pytest
 from flax import nnx
 
 from shufflenet_jax import ShuffleNetV2, ShuffleUnit, shufflenet_v2_x0_5, shufflenet_v2_x2_0
+from shufflenet_jax.models import abstract_model
 from shufflenet_jax.summary import param_count
 
 TORCHVISION_PARAMS = {0.5: 1_366_792, 1.0: 2_278_604, 1.5: 3_503_624, 2.0: 7_393_996}
-
-
-def abstract_model(width, num_classes=1000):
-    return nnx.eval_shape(lambda: ShuffleNetV2(width, num_classes, rngs=nnx.Rngs(0)))
 
 
 def output_shape(model, shape):

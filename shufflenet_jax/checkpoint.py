@@ -1,0 +1,78 @@
+"""The on-disk format of a model: one orbax checkpoint directory with two items.
+
+- `model`: JSON with the constructor arguments (`width`, `num_classes`) and free-form provenance;
+- `state`: every `nnx.Param` and `nnx.BatchStat` as `nnx.to_pure_dict` lays them out.
+
+`python -m shufflenet_jax.convert` writes it; evaluation and fine-tuning restore it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from shufflenet_jax.models import ShuffleNetV2, abstract_model, check_width, with_values
+
+MODEL_ITEM = "model"
+STATE_ITEM = "state"
+
+
+def save_model(directory: str | os.PathLike, model: ShuffleNetV2, **provenance: Any) -> None:
+    """Write `model` to a new checkpoint `directory` (which must not exist yet)."""
+    config = {"width": model.width, "num_classes": model.num_classes, **provenance}
+    state = nnx.to_pure_dict(nnx.state(model))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(
+            os.path.abspath(directory),
+            args=ocp.args.Composite(
+                **{MODEL_ITEM: ocp.args.JsonSave(config), STATE_ITEM: ocp.args.StandardSave(state)}
+            ),
+        )
+
+
+def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The `model` item of a checkpoint: width, num_classes and provenance."""
+    path = os.path.abspath(directory)
+    if not os.path.isdir(os.path.join(path, MODEL_ITEM)):
+        raise FileNotFoundError(
+            f"{directory} is not a shufflenet_jax model checkpoint (no '{MODEL_ITEM}' item)"
+        )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        return ckptr.restore(path, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))[
+            MODEL_ITEM
+        ]
+
+
+def restore_model(
+    directory: str | os.PathLike,
+    width: float | str | None = None,
+    num_classes: int | None = None,
+    **model_kwargs: Any,
+) -> ShuffleNetV2:
+    """Load a checkpoint written by `save_model`. A `width` or `num_classes` that disagrees with
+    the checkpoint is an error; `model_kwargs` (e.g. `depthwise_impl`) go to the constructor."""
+    config = read_model_config(directory)
+    if width is not None and check_width(width) != config["width"]:
+        raise ValueError(
+            f"{directory} holds a {config['width']}x model, but width {width} was requested"
+        )
+    if num_classes is not None and num_classes != config["num_classes"]:
+        raise ValueError(
+            f"{directory} holds a model with {config['num_classes']} classes, "
+            f"but num_classes={num_classes} was requested"
+        )
+    abstract = abstract_model(config["width"], config["num_classes"], **model_kwargs)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        nnx.to_pure_dict(nnx.state(abstract)),
+    )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            os.path.abspath(directory),
+            args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}),
+        )
+    return with_values(abstract, restored[STATE_ITEM])
