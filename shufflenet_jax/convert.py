@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from shufflenet_jax.models import (
+    STAGE_NAMES,
     STAGE_OUT_CHANNELS,
     ShuffleNetV2,
     abstract_model,
@@ -208,10 +209,23 @@ def to_torch_state_dict(model: ShuffleNetV2) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
         key = path_to_torch_key(path)
-        out[key] = torch.from_numpy(np.ascontiguousarray(to_torch_layout(np.asarray(var[...]))))
+        out[key] = torch.from_numpy(np.array(to_torch_layout(np.asarray(var[...])), order="C"))
         if key.endswith("running_var"):
             out[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
-    return out
+    return {key: out[key] for key in sorted(out, key=_torch_order)}
+
+
+_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _torch_order(key: str) -> tuple:
+    """Sort key giving torchvision's state_dict order (module registration order, then leaves)."""
+    top, *middle, leaf = key.split(".")
+    return (
+        (*STAGE_NAMES, "fc").index(top),
+        *((0, int(p), "") if p.isdigit() else (1, 0, p) for p in middle),
+        _LEAF_ORDER.index(leaf),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

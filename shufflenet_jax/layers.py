@@ -77,7 +77,7 @@ class Conv2d(nnx.Module):
 class BatchNorm(nnx.Module):
     """BatchNorm over N, H, W with PyTorch's defaults (eps 1e-5, momentum 0.1 == Flax 0.9).
 
-    Statistics are computed in float32. In training mode the running variance is updated with the
+    Statistics are computed in float32 (float64 for float64 input). In training mode the running variance is updated with the
     biased batch variance (Flax's convention) unless `unbiased_running_var=True`, which stores the
     unbiased n/(n-1) estimate as PyTorch does; normalisation always uses the biased variance.
     """
@@ -105,7 +105,7 @@ class BatchNorm(nnx.Module):
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
-            xf = x.astype(jnp.float32)
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 if x is
             mean = xf.mean(axis=(0, 1, 2))
             var = jnp.square(xf - mean).mean(axis=(0, 1, 2))
             n = x.shape[0] * x.shape[1] * x.shape[2]

@@ -98,7 +98,7 @@ def max_pool_3x3_s2(x: Array) -> Array:
     """PyTorch's MaxPool2d(3, stride=2, padding=1): padding never wins the max."""
     return lax.reduce_window(
         x,
-        jnp.array(-jnp.inf, x.dtype),
+        -jnp.inf,
         lax.max,
         window_dimensions=(1, 3, 3, 1),
         window_strides=(1, 2, 2, 1),
