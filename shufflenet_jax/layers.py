@@ -77,9 +77,10 @@ class Conv2d(nnx.Module):
 class BatchNorm(nnx.Module):
     """BatchNorm over N, H, W with PyTorch's defaults (eps 1e-5, momentum 0.1 == Flax 0.9).
 
-    Statistics are computed in float32 (float64 for float64 input). In training mode the running variance is updated with the
-    biased batch variance (Flax's convention) unless `unbiased_running_var=True`, which stores the
-    unbiased n/(n-1) estimate as PyTorch does; normalisation always uses the biased variance.
+    Statistics are computed in float32 (float64 for float64 input). In training mode the running
+    variance is updated with the biased batch variance (Flax's convention) unless
+    `unbiased_running_var=True`, which stores the unbiased n/(n-1) estimate as PyTorch does;
+    normalisation always uses the biased variance.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Cross-framework equivalence with torchvision. torch and torchvision are required, never skipped."""
+"""Cross-framework equivalence with torchvision (torch and torchvision required, never skipped)."""
 
 import jax
 import numpy as np
@@ -275,7 +275,8 @@ def test_a_checkpoint_of_another_width_is_refused_with_the_keys_named(torch_x0_5
     sd = {k: v.numpy() for k, v in torch_x0_5.state_dict().items() if "num_batches" not in k}
     with pytest.raises(
         WeightMismatchError,
-        match=r"wrongly-shaped keys .*stage2\.0\.branch1\.2\.weight: got \(24, 24, 1, 1\), model needs \(58, 24, 1, 1\)",
+        match=r"wrongly-shaped keys .*stage2\.0\.branch1\.2\.weight: "
+        r"got \(24, 24, 1, 1\), model needs \(58, 24, 1, 1\)",
     ):
         torch_to_values(sd, abstract_model(1.0, 10))
 
