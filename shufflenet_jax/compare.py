@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from shufflenet_jax.convert import load_torchvision
+from shufflenet_jax.convert import load_torch_state_dict, load_torchvision
 from shufflenet_jax.models import STAGE_NAMES, ShuffleNetV2, check_width
 
 TORCHVISION_BUILDERS = {
@@ -134,13 +134,17 @@ def compare(
     width = check_width(width)
     if weights is None:
         torch_model = random_torchvision_model(width, seed=seed)
+        jax_model = load_torchvision(torch_model, width)
     else:
-        model_cls = getattr(torchvision.models, TORCHVISION_BUILDERS[width])
-        jax_from_file = load_torchvision(weights, width)
-        torch_model = model_cls(weights=None, num_classes=jax_from_file.num_classes)
-        torch_model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        state_dict = load_torch_state_dict(weights)
+        jax_model = load_torchvision(state_dict, width)  # checks keys, shapes and width
+        torch_model = getattr(torchvision.models, TORCHVISION_BUILDERS[width])(
+            weights=None, num_classes=jax_model.num_classes
+        )
+        torch_model.load_state_dict(
+            {k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=False
+        )
     torch_model.eval()
-    jax_model = load_torchvision(torch_model, width)
     jax_model.eval()
     if image is not None:
         x = load_image(image, width)

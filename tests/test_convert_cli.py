@@ -1,0 +1,131 @@
+"""The converter and compare command lines, and the model checkpoint format they write."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from PIL import Image
+
+from shufflenet_jax import compare, convert
+from shufflenet_jax.checkpoint import read_model_config, restore_model
+from shufflenet_jax.compare import random_torchvision_model
+from shufflenet_jax.convert import load_torchvision
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "x0_5.pth"
+    torch.save(random_torchvision_model(0.5, num_classes=10, seed=4).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(weights_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "x0_5"
+    convert.main(["--torch", str(weights_file), "--out", str(out)])
+    return out
+
+
+def flat_values(model):
+    return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def test_converted_checkpoint_restores_the_same_weights(weights_file, checkpoint_dir):
+    config = read_model_config(checkpoint_dir)
+    assert config["width"] == 0.5 and config["num_classes"] == 10
+    assert config["source"] == str(weights_file)
+    restored, direct = (
+        flat_values(restore_model(checkpoint_dir)),
+        flat_values(load_torchvision(weights_file)),
+    )
+    assert restored.keys() == direct.keys()
+    for path, value in direct.items():
+        np.testing.assert_array_equal(restored[path], value, err_msg=str(path))
+
+
+def test_to_torch_writes_the_original_state_dict(weights_file, checkpoint_dir, tmp_path):
+    out = tmp_path / "back.pth"
+    convert.main(["--to-torch", "--checkpoint", str(checkpoint_dir), "--out", str(out)])
+    original = torch.load(weights_file, weights_only=True)
+    back = torch.load(out, weights_only=True)
+    assert list(back) == list(original)
+    assert all(torch.equal(back[k], v) for k, v in original.items())
+
+
+def test_restoring_with_another_width_or_class_count_fails(checkpoint_dir):
+    with pytest.raises(ValueError, match=r"holds a 0\.5x model, but width 1\.0 was requested"):
+        restore_model(checkpoint_dir, width=1.0)
+    with pytest.raises(ValueError, match="10 classes, but num_classes=1000"):
+        restore_model(checkpoint_dir, num_classes=1000)
+
+
+def test_restoring_a_directory_that_is_no_checkpoint_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a shufflenet_jax model checkpoint"):
+        restore_model(tmp_path)
+
+
+def test_convert_refuses_to_overwrite_and_reports_bad_weights(checkpoint_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--torch", "x.pth", "--out", str(checkpoint_dir)])
+    assert e.value.code == 2 and "exists; refusing to overwrite" in capsys.readouterr().err
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--torch", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 1
+    assert "missing key 'stage2.0.branch1.2.weight'" in capsys.readouterr().err
+
+
+def test_compare_with_weights_and_an_image_agrees(weights_file, tmp_path, capsys):
+    pixels = np.random.default_rng(0).integers(0, 256, (260, 300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=90)
+    compare.main(
+        ["--width", "0.5", "--weights", str(weights_file)]
+        + ["--image", str(tmp_path / "photo.jpg"), "--json"]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["input"].endswith("photo.jpg")
+    assert report["max_abs_diff_logits"] <= 1e-4 * max(1.0, report["max_abs_logit"])
+    assert set(report["stages"]) == {
+        "conv1",
+        "maxpool",
+        "stage2",
+        "stage3",
+        "stage4",
+        "conv5",
+        "fc",
+    }
+    assert report["same_top1"] and len(report["top5_jax"][0]) == 5
+
+
+def test_compare_names_an_image_it_cannot_decode(tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--width", "0.5", "--image", str(tmp_path / "broken.jpg")])
+    assert e.value.code == 1 and "cannot decode image" in capsys.readouterr().err
+
+
+def test_compare_runs_as_a_module_and_prints_json():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shufflenet_jax.compare",
+            "--width",
+            "0.5",
+            "--size",
+            "64",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    report = json.loads(out)
+    assert report["max_abs_diff_logits"] <= 1e-4 * max(1.0, report["max_abs_logit"])
+    assert all(
+        d["max_abs_diff"] <= 1e-4 * max(1.0, d["max_abs_ref"]) for d in report["stages"].values()
+    )
