@@ -10,6 +10,7 @@ from shufflenet_jax import ops
 
 Array = jax.Array
 
+DEFAULT_DENSE_IMPL = "im2col"
 DEFAULT_DEPTHWISE_IMPL = "shifted"
 DEFAULT_POINTWISE_IMPL = "dot"
 
@@ -28,11 +29,19 @@ def _conv_kind(
     )
 
 
+_IMPLS = {
+    "dense": ops.DENSE_IMPLS,
+    "depthwise": ops.DEPTHWISE_IMPLS,
+    "pointwise": ops.POINTWISE_IMPLS,
+}
+
+
 class Conv2d(nnx.Module):
     """Bias-free 2-D convolution padded by kernel_size//2 on every side (PyTorch's `padding=k//2`).
 
-    `kernel` is HWIO: (k, k, in_channels // groups, out_channels). 1x1 and depthwise convolutions
-    dispatch to the implementation named by `impl` (`ops.POINTWISE_IMPLS`, `ops.DEPTHWISE_IMPLS`).
+    `kernel` is HWIO: (k, k, in_channels // groups, out_channels). Each kind of convolution
+    (dense, depthwise, 1x1 pointwise) is computed by the implementation its `*_impl` argument
+    names in `ops.DENSE_IMPLS`, `ops.DEPTHWISE_IMPLS` or `ops.POINTWISE_IMPLS`.
     """
 
     def __init__(
@@ -43,35 +52,28 @@ class Conv2d(nnx.Module):
         *,
         stride: int = 1,
         groups: int = 1,
+        dense_impl: str = DEFAULT_DENSE_IMPL,
         depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
         pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
         rngs: nnx.Rngs,
     ):
         self.kind = _conv_kind(in_channels, out_channels, kernel_size, stride, groups)
-        if self.kind == "depthwise" and depthwise_impl not in ops.DEPTHWISE_IMPLS:
+        chosen = {"dense": dense_impl, "depthwise": depthwise_impl, "pointwise": pointwise_impl}
+        self.impl = chosen[self.kind]
+        if self.impl not in _IMPLS[self.kind]:
             raise ValueError(
-                f"unknown depthwise_impl {depthwise_impl!r}; "
-                f"choose from {sorted(ops.DEPTHWISE_IMPLS)}"
+                f"unknown {self.kind}_impl {self.impl!r}; choose from {sorted(_IMPLS[self.kind])}"
             )
-        if self.kind == "pointwise" and pointwise_impl not in ops.POINTWISE_IMPLS:
-            raise ValueError(
-                f"unknown pointwise_impl {pointwise_impl!r}; "
-                f"choose from {sorted(ops.POINTWISE_IMPLS)}"
-            )
-        self.impl = {"depthwise": depthwise_impl, "pointwise": pointwise_impl}.get(self.kind, "lax")
         self.stride = stride
-        self.groups = groups
         shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
         init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
         self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
 
     def __call__(self, x: Array) -> Array:
-        kernel = self.kernel[...]
+        fn = _IMPLS[self.kind][self.impl]
         if self.kind == "pointwise":
-            return ops.POINTWISE_IMPLS[self.impl](x, kernel)
-        if self.kind == "depthwise":
-            return ops.DEPTHWISE_IMPLS[self.impl](x, kernel, self.stride)
-        return ops.conv_lax(x, kernel, self.stride)
+            return fn(x, self.kernel[...])
+        return fn(x, self.kernel[...], self.stride)
 
 
 class BatchNorm(nnx.Module):
@@ -124,3 +126,13 @@ class MaxPool(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         return ops.max_pool_3x3_s2(x)
+
+
+class Bias(nnx.Module):
+    """Adds a per-channel bias: what a BatchNorm becomes once folded into the conv before it."""
+
+    def __init__(self, bias: Array):
+        self.bias = nnx.Param(jnp.asarray(bias))
+
+    def __call__(self, x: Array) -> Array:
+        return x + self.bias[...].astype(x.dtype)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from shufflenet_jax import ops
 from shufflenet_jax.layers import (
+    DEFAULT_DENSE_IMPL,
     DEFAULT_DEPTHWISE_IMPL,
     DEFAULT_POINTWISE_IMPL,
     BatchNorm,
@@ -127,9 +128,10 @@ class ShuffleUnit(nnx.Module):
 class ShuffleNetV2(nnx.Module):
     """ShuffleNet V2 for NHWC RGB images of any size (down to 1x1), returning class logits.
 
-    `depthwise_impl` / `pointwise_impl` pick how the depthwise 3x3 and 1x1 convolutions are computed
-    (all choices compute the same function). `unbiased_running_var=True` makes BatchNorm's running
-    variance follow PyTorch (unbiased) instead of Flax (biased); it only matters in training mode.
+    `dense_impl` / `depthwise_impl` / `pointwise_impl` pick how the stem 3x3, the depthwise 3x3
+    and the 1x1 convolutions are computed (all choices compute the same function).
+    `unbiased_running_var=True` makes BatchNorm's running variance follow PyTorch (unbiased)
+    instead of Flax (biased); it only matters in training mode.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class ShuffleNetV2(nnx.Module):
         width: float | str = 1.0,
         num_classes: int = 1000,
         *,
+        dense_impl: str = DEFAULT_DENSE_IMPL,
         depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
         pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
         unbiased_running_var: bool = False,
@@ -155,7 +158,9 @@ class ShuffleNetV2(nnx.Module):
         bn_kw = dict(unbiased_running_var=unbiased_running_var)
 
         self.conv1 = nnx.Sequential(
-            Conv2d(3, c1, 3, stride=2, **kw), BatchNorm(c1, **bn_kw), nnx.relu
+            Conv2d(3, c1, 3, stride=2, dense_impl=dense_impl, **kw),
+            BatchNorm(c1, **bn_kw),
+            nnx.relu,
         )
         self.maxpool = MaxPool()
         cin = c1

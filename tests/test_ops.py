@@ -40,25 +40,67 @@ def test_channel_shuffle_rejects_non_nhwc_input():
         channel_shuffle(jnp.zeros((2, 6)), 2)
 
 
+def _values_and_grads(fn, x, kernel):
+    """fn's output, and the gradients of a non-trivial scalar of it w.r.t. input and kernel."""
+    weights = jax.random.normal(jax.random.key(9), jax.eval_shape(fn, x, kernel).shape)
+    grads = jax.grad(lambda x, k: jnp.sum(fn(x, k) * weights), argnums=(0, 1))(x, kernel)
+    return fn(x, kernel), *grads
+
+
+def assert_same_values_and_grads(fn, ref, x, kernel):
+    for got, want in zip(
+        _values_and_grads(fn, x, kernel), _values_and_grads(ref, x, kernel), strict=True
+    ):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", sorted(ops.DEPTHWISE_IMPLS))
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw", [(1, 1), (5, 7), (8, 8)])
-def test_depthwise_implementations_agree(stride, hw):
+def test_depthwise_implementations_match_lax_conv_and_its_gradients(impl, stride, hw):
     kx, kk = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (2, *hw, 6))
     kernel = jax.random.normal(kk, (3, 3, 1, 6))
-    ref = ops.depthwise_lax(x, kernel, stride)
-    got = ops.depthwise_shifted(x, kernel, stride)
-    assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert_same_values_and_grads(
+        lambda x, k: ops.DEPTHWISE_IMPLS[impl](x, k, stride),
+        lambda x, k: ops.depthwise_lax(x, k, stride),
+        x,
+        kernel,
+    )
 
 
-def test_pointwise_implementations_agree():
+@pytest.mark.parametrize("impl", sorted(ops.DENSE_IMPLS))
+@pytest.mark.parametrize("hw", [(1, 1), (7, 6)])
+def test_dense_implementations_match_lax_conv_and_its_gradients(impl, hw):
+    kx, kk = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (2, *hw, 3))
+    kernel = jax.random.normal(kk, (3, 3, 3, 8))
+    assert_same_values_and_grads(
+        lambda x, k: ops.DENSE_IMPLS[impl](x, k, 2), lambda x, k: ops.conv_lax(x, k, 2), x, kernel
+    )
+
+
+@pytest.mark.parametrize("impl", sorted(ops.POINTWISE_IMPLS))
+def test_pointwise_implementations_match_lax_conv_and_its_gradients(impl):
     kx, kk = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (2, 5, 3, 12))
     kernel = jax.random.normal(kk, (1, 1, 12, 10))
-    np.testing.assert_allclose(
-        ops.pointwise_dot(x, kernel), ops.pointwise_lax(x, kernel), rtol=1e-5, atol=1e-5
+    assert_same_values_and_grads(ops.POINTWISE_IMPLS[impl], ops.pointwise_lax, x, kernel)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_like_torch():
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-2, 3, (2, 9, 8, 3)).astype(np.float32)  # small integers: many ties
+    g = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)
+    _, vjp = jax.vjp(ops.max_pool_3x3_s2, jnp.asarray(x))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    torch.nn.functional.max_pool2d(xt, 3, 2, 1).backward(
+        torch.from_numpy(g.transpose(0, 3, 1, 2).copy())
     )
+    np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
 def test_max_pool_matches_torch():

@@ -1,0 +1,258 @@
+"""Side-by-side throughput of ShuffleNet V2: JAX (this package) against torchvision, same process.
+
+    python benchmarks/throughput.py [--widths 1.0] [--batches 1 32] [--repeats 5]
+        [--torch-compile] [--no-fold-bn] [--json OUT]
+
+For each width and batch size it measures, alternating the frameworks round by round after a
+warm-up: inference images/s (eval mode), training-step images/s (forward, backward, SGD with
+momentum), the first call's compile/warm-up time, and memory (XLA's compiled buffer sizes for
+JAX; the process's peak RSS growth for each framework's warm-up). JAX inference uses the model
+with BatchNorm folded into the convolutions unless --no-fold-bn. Medians over `--repeats`
+rounds. The JAX train step's time outside compiled code is estimated by timing a jitted
+identity over the same argument pytrees (flatten, dispatch, unflatten) against the real step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from shufflenet_jax.folding import fold_batchnorm
+from shufflenet_jax.models import ShuffleNetV2
+from shufflenet_jax.steps import make_eval_step, make_train_step, split_model
+
+LR, MOMENTUM = 0.1, 0.9
+
+
+def _median_seconds(fn: Callable[[], None], iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def _timed_first_call(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class JaxCase:
+    """Jitted eval and train steps of one ShuffleNetV2 configuration on one batch."""
+
+    def __init__(self, width: float, batch: int, size: int, fold_bn: bool, **model_kwargs):
+        model = ShuffleNetV2(width, rngs=nnx.Rngs(0), **model_kwargs)
+        model.eval()
+        infer_graphdef, *self.infer_state = split_model(fold_batchnorm(model) if fold_bn else model)
+        self.eval_step = make_eval_step(infer_graphdef)
+        self.graphdef, self.params, self.stats = split_model(model)
+        self.tx = optax.sgd(LR, momentum=MOMENTUM)
+        self.opt_state = self.tx.init(self.params)
+        self.train_step = make_train_step(self.graphdef, self.tx)
+        rng = np.random.default_rng(0)
+        self.x = jnp.asarray(rng.random((batch, size, size, 3), np.float32))
+        self.y = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
+        self.identity = jax.jit(lambda *a: a, donate_argnums=(0, 1, 2))
+
+    def infer(self) -> None:
+        self.eval_step(*self.infer_state, self.x).block_until_ready()
+
+    def train(self) -> None:
+        self.params, self.stats, self.opt_state, loss = self.train_step(
+            self.params, self.stats, self.opt_state, self.x, self.y
+        )
+        loss.block_until_ready()
+
+    def dispatch_only(self) -> None:
+        """The train step's host work without its compute: same pytrees in and out."""
+        self.params, self.stats, self.opt_state, *_ = self.identity(
+            self.params, self.stats, self.opt_state, self.x, self.y
+        )
+        jax.block_until_ready(self.params)
+
+    def memory_bytes(self) -> dict[str, int]:
+        def total(jitted, *args):
+            m = jitted.lower(*args).compile().memory_analysis()
+            if m is None:
+                return -1
+            return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+        return {
+            "infer": total(self.eval_step, *self.infer_state, self.x),
+            "train": total(
+                self.train_step, self.params, self.stats, self.opt_state, self.x, self.y
+            ),
+        }
+
+
+class TorchCase:
+    """torchvision's model in eager mode (NCHW or channels_last), optionally torch.compile'd."""
+
+    def __init__(self, width: float, batch: int, size: int, channels_last: bool, compiled: bool):
+        import torch
+        import torchvision
+
+        self.torch = torch
+        name = {0.5: "x0_5", 1.0: "x1_0", 1.5: "x1_5", 2.0: "x2_0"}[width]
+        model = getattr(torchvision.models, f"shufflenet_v2_{name}")()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=fmt)
+        self.forward = torch.compile(self.model) if compiled else self.model
+        self.x = torch.rand(batch, 3, size, size).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, 1000, (batch,))
+        self.opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def infer(self) -> None:
+        self.model.eval()
+        with self.torch.no_grad():
+            self.forward(self.x)
+
+    def train(self) -> None:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.torch.nn.functional.cross_entropy(self.forward(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    results = []
+    for width in args.widths:
+        for batch in args.batches:
+            cases: dict[str, object] = {
+                "jax": JaxCase(width, batch, args.size, args.fold_bn, **args.jax_kwargs),
+                "torch_eager": TorchCase(width, batch, args.size, False, False),
+                "torch_channels_last": TorchCase(width, batch, args.size, True, False),
+            }
+            if args.torch_compile:
+                cases["torch_compile"] = TorchCase(width, batch, args.size, True, True)
+            iters = max(1, args.images // batch)
+            row: dict = {"width": width, "batch": batch, "size": args.size}
+            for mode in args.modes:
+                warm = {}
+                for name, case in cases.items():
+                    rss = _peak_rss_bytes()
+                    warm[name] = _timed_first_call(getattr(case, mode))
+                    getattr(case, mode)()
+                    row[f"{name}_{mode}_rss_growth_bytes"] = _peak_rss_bytes() - rss
+                times: dict[str, list[float]] = {name: [] for name in cases}
+                for _ in range(args.repeats):
+                    for name, case in cases.items():
+                        times[name].append(_median_seconds(getattr(case, mode), iters))
+                for name in cases:
+                    row[f"{name}_{mode}_img_s"] = batch / statistics.median(times[name])
+                    row[f"{name}_{mode}_warmup_s"] = warm[name]
+                torch_best = max(
+                    row[f"torch_eager_{mode}_img_s"], row[f"torch_channels_last_{mode}_img_s"]
+                )
+                row[f"ratio_{mode}_vs_torch_eager"] = row[f"jax_{mode}_img_s"] / torch_best
+                if args.torch_compile:
+                    row[f"ratio_{mode}_vs_torch_compile"] = (
+                        row[f"jax_{mode}_img_s"] / row[f"torch_compile_{mode}_img_s"]
+                    )
+                if mode == "train":
+                    jc = cases["jax"]
+                    jc.dispatch_only()
+                    host = statistics.median(
+                        _median_seconds(jc.dispatch_only, iters) for _ in range(args.repeats)
+                    )
+                    row["jax_train_host_overhead_fraction"] = host / (
+                        batch / row["jax_train_img_s"]
+                    )
+            row["jax_compiled_bytes"] = cases["jax"].memory_bytes()
+            results.append(row)
+            print(format_row(row, args), flush=True)
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {_cpu_count()} cores",
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "jax_model_kwargs": args.jax_kwargs,
+        "jax_infer_fold_bn": args.fold_bn,
+        "repeats": args.repeats,
+        "results": results,
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def format_row(row: dict, args: argparse.Namespace) -> str:
+    lines = [f"ShuffleNet V2 {row['width']}x, batch {row['batch']}, {row['size']}x{row['size']}"]
+    for mode in args.modes:
+        parts = [
+            f"{k.removesuffix(f'_{mode}_img_s')} {v:.1f}"
+            for k, v in row.items()
+            if k.endswith(f"_{mode}_img_s")
+        ]
+        ratio = f"JAX/PyTorch-eager-best {row[f'ratio_{mode}_vs_torch_eager']:.2f}x"
+        if f"ratio_{mode}_vs_torch_compile" in row:
+            ratio += f", JAX/torch.compile {row[f'ratio_{mode}_vs_torch_compile']:.2f}x"
+        lines.append(f"  {mode:<5} img/s: " + ", ".join(parts) + f"  ({ratio})")
+    if "jax_train_host_overhead_fraction" in row:
+        lines.append(
+            f"  JAX train step host overhead: {row['jax_train_host_overhead_fraction']:.1%}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--widths", type=float, nargs="+", default=[1.0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--images", type=int, default=64, help="images per timing round")
+    p.add_argument("--dense_impl", default=None)
+    p.add_argument("--depthwise_impl", default=None)
+    p.add_argument("--pointwise_impl", default=None)
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
+    p.add_argument(
+        "--no-fold-bn",
+        dest="fold_bn",
+        action="store_false",
+        help="JAX inference without folding BatchNorm into the convolutions",
+    )
+    p.add_argument("--json", metavar="OUT")
+    args = p.parse_args()
+    args.jax_kwargs = {
+        k: v
+        for k, v in (
+            ("dense_impl", args.dense_impl),
+            ("depthwise_impl", args.depthwise_impl),
+            ("pointwise_impl", args.pointwise_impl),
+        )
+        if v
+    }
+    report = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Pure, jittable step functions over the model's state pytrees (no NNX graph work per call)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from shufflenet_jax.models import ShuffleNetV2
+
+Array = jax.Array
+
+
+def split_model(model: ShuffleNetV2) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, params, batch_stats): the static structure and the two kinds of arrays."""
+    return nnx.split(model, nnx.Param, nnx.BatchStat)
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, nnx.State, Array], Array]:
+    """`logits = eval_step(params, batch_stats, images)` with BatchNorm on running statistics."""
+
+    def eval_step(params, batch_stats, images):
+        model = nnx.merge(graphdef, params, batch_stats)
+        model.eval()
+        return model(images)
+
+    return jax.jit(eval_step)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+) -> Callable[..., tuple[nnx.State, nnx.State, Any, Array]]:
+    """`params, batch_stats, opt_state, loss = train_step(params, batch_stats, opt_state, x, y)`.
+
+    Cross-entropy on integer labels, BatchNorm in training mode; input buffers are donated.
+    """
+
+    def train_step(params, batch_stats, opt_state, images, labels):
+        def loss_fn(params, batch_stats):
+            model = nnx.merge(graphdef, params, batch_stats, copy=True)
+            model.train()
+            logits = model(images)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, nnx.state(model, nnx.BatchStat)
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    return jax.jit(train_step, donate_argnums=(0, 1, 2))

@@ -1,0 +1,22 @@
+"""Helpers shared by the tests."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+
+def random_values(abstract, seed):
+    """Random weights and BatchNorm statistics (positive variances) for an abstract model."""
+    rng = np.random.default_rng(seed)
+    values = nnx.to_pure_dict(nnx.state(abstract))
+
+    def draw(path, leaf):
+        x = rng.standard_normal(leaf.shape).astype(np.float32)
+        name = path[-1].key
+        if name == "kernel":  # He initialisation: fan-in is every axis but the last
+            return x * np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+        if name in ("scale", "var"):
+            return 0.5 + np.abs(x)
+        return 0.2 * x  # bias, mean
+
+    return jax.tree_util.tree_map_with_path(draw, values)
