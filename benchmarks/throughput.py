@@ -5,8 +5,9 @@
 
 For each width and batch size it measures, alternating the frameworks round by round after a
 warm-up: inference images/s (eval mode), training-step images/s (forward, backward, SGD with
-momentum), the first call's compile/warm-up time, and memory (XLA's compiled buffer sizes for
-JAX; the process's peak RSS growth for each framework's warm-up). JAX inference uses the model
+momentum), the first call's compile/warm-up time, and JAX's memory (XLA's compiled argument,
+output and temporary buffer sizes; PyTorch's CPU peak cannot be separated within one process,
+so it is not reported). JAX inference uses the model
 with BatchNorm folded into the convolutions unless --no-fold-bn. Medians over `--repeats`
 rounds. The JAX train step's time outside compiled code is estimated by timing a jitted
 identity over the same argument pytrees (flatten, dispatch, unflatten) against the real step.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -46,10 +46,6 @@ def _timed_first_call(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class JaxCase:
@@ -148,10 +144,8 @@ def run(args: argparse.Namespace) -> dict:
             for mode in args.modes:
                 warm = {}
                 for name, case in cases.items():
-                    rss = _peak_rss_bytes()
                     warm[name] = _timed_first_call(getattr(case, mode))
                     getattr(case, mode)()
-                    row[f"{name}_{mode}_rss_growth_bytes"] = _peak_rss_bytes() - rss
                 times: dict[str, list[float]] = {name: [] for name in cases}
                 for _ in range(args.repeats):
                     for name, case in cases.items():

@@ -1,0 +1,109 @@
+"""Forward and gradient time of each convolution / pooling implementation at ShuffleNet V2 1.0x
+shapes (batch 32, 224x224 input), in one process: where the whole-network numbers come from.
+
+    python benchmarks/ops.py [--batch 32] [--repeats 5] [--json OUT]
+
+Each row is an op at the shape where the network uses it; times are medians in milliseconds of
+the jitted forward and of the jitted gradient w.r.t. input and weights (a weighted sum as loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shufflenet_jax import ops
+
+
+def _ms(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def cases(batch: int):
+    """(name, implementation, op(x, w), x shape, w shape) at the network's shapes."""
+    for impl, fn in ops.DENSE_IMPLS.items():
+        yield (
+            "stem 3x3/2 3->24",
+            impl,
+            lambda x, w, fn=fn: fn(x, w, 2),
+            (batch, 224, 224, 3),
+            (3, 3, 3, 24),
+        )
+    for impl, fn in ops.DEPTHWISE_IMPLS.items():
+        yield (
+            "dw 3x3/1 28x28x58",
+            impl,
+            lambda x, w, fn=fn: fn(x, w, 1),
+            (batch, 28, 28, 58),
+            (3, 3, 1, 58),
+        )
+        yield (
+            "dw 3x3/2 56x56x58",
+            impl,
+            lambda x, w, fn=fn: fn(x, w, 2),
+            (batch, 56, 56, 58),
+            (3, 3, 1, 58),
+        )
+    for impl, fn in ops.POINTWISE_IMPLS.items():
+        yield "1x1 28x28 58->58", impl, fn, (batch, 28, 28, 58), (1, 1, 58, 58)
+        yield "1x1 56x56 24->58", impl, fn, (batch, 56, 56, 24), (1, 1, 24, 58)
+
+
+def _record(rows: list, op: str, impl: str, forward_ms: float, grad_ms: float) -> None:
+    rows.append({"op": op, "impl": impl, "forward_ms": forward_ms, "grad_ms": grad_ms})
+    print(f"{op:<26}{impl:<9}forward {forward_ms:8.1f} ms   gradient {grad_ms:8.1f} ms", flush=True)
+
+
+def _grad_of_weighted_sum(fn, g, argnums):
+    return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * g), argnums=argnums))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", metavar="OUT")
+    args = p.parse_args()
+    r = args.repeats
+    rng = np.random.default_rng(0)
+    rows: list = []
+    for name, impl, fn, xs, ws in cases(args.batch):
+        x = jnp.asarray(rng.standard_normal(xs, np.float32))
+        w = jnp.asarray(rng.standard_normal(ws, np.float32))
+        g = jnp.asarray(rng.standard_normal(jax.eval_shape(fn, x, w).shape, np.float32))
+        grad = _grad_of_weighted_sum(fn, g, (0, 1))
+        _record(rows, name, impl, _ms(jax.jit(fn), x, w, repeats=r), _ms(grad, x, w, repeats=r))
+    x = jnp.asarray(rng.standard_normal((args.batch, 112, 112, 24), np.float32))
+    g = jnp.asarray(rng.standard_normal((args.batch, 56, 56, 24), np.float32))
+
+    def xla_pool(x):  # XLA's own reduce_window gradient (select-and-scatter), for contrast
+        window, strides = (1, 3, 3, 1), (1, 2, 2, 1)
+        pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, pad)
+
+    forward = _ms(jax.jit(ops.max_pool_3x3_s2), x, repeats=r)
+    for impl, fn in (("ours", ops.max_pool_3x3_s2), ("xla", xla_pool)):
+        grad = _grad_of_weighted_sum(fn, g, 0)
+        _record(rows, "maxpool 3x3/2 112x112x24", impl, forward, _ms(grad, x, repeats=r))
+    if args.json:
+        with open(args.json, "w") as f:
+            report = {"batch": args.batch, "backend": jax.default_backend(), "rows": rows}
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
