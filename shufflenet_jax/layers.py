@@ -1,4 +1,4 @@
-"""Leaf layers with PyTorch semantics: bias-free convolution, BatchNorm, max-pool."""
+"""Leaf layers with PyTorch semantics: bias-free convolution, BatchNorm, max-pool, bias."""
 
 from __future__ import annotations
 
