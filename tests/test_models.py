@@ -146,7 +146,7 @@ def test_default_implementations_compute_the_reference_network_in_eval_mode(widt
 
 def test_default_implementations_give_the_reference_outputs_and_gradients_in_train_mode():
     """Compared in float64: float32 train-mode gradients of a random ShuffleNet are too
-    ill-conditioned to tell implementations apart (see test_convert's float64 fixture)."""
+    ill-conditioned to tell implementations apart (benchmarks/float32_conditioning.py)."""
     values = jax.tree.map(lambda a: a.astype(np.float64), random_values(abstract_model(0.5), 1))
     x = np.random.default_rng(3).standard_normal((4, 64, 64, 3))
 
