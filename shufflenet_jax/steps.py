@@ -35,7 +35,9 @@ def make_train_step(
 ) -> Callable[..., tuple[nnx.State, nnx.State, Any, Array]]:
     """`params, batch_stats, opt_state, loss = train_step(params, batch_stats, opt_state, x, y)`.
 
-    Cross-entropy on integer labels, BatchNorm in training mode; input buffers are donated.
+    Cross-entropy on integer labels, BatchNorm in training mode. The params, batch_stats and
+    opt_state buffers are donated: a model they were split from must not be used afterwards
+    (merge the returned state instead).
     """
 
     def train_step(params, batch_stats, opt_state, images, labels):
