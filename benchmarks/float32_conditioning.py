@@ -21,7 +21,7 @@ import torch
 from flax import nnx
 
 from shufflenet_jax.compare import random_torchvision_model
-from shufflenet_jax.convert import load_torchvision, to_torch_state_dict
+from shufflenet_jax.convert import grads_to_torch, load_torchvision
 
 
 def torch_grads(model, x, labels, dtype) -> dict[str, np.ndarray]:
@@ -38,9 +38,8 @@ def jax_grads(torch_model, x, labels) -> dict[str, np.ndarray]:
     def loss_fn(m):
         return optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
 
-    grad_model = nnx.clone(model)
-    nnx.update(grad_model, nnx.jit(nnx.grad(loss_fn))(model))
-    return {k: v.double().numpy() for k, v in to_torch_state_dict(grad_model).items()}
+    grads = grads_to_torch(model, nnx.jit(nnx.grad(loss_fn))(model))
+    return {k: v.astype(np.float64) for k, v in grads.items()}
 
 
 def worst(grads, reference, scale) -> tuple[float, str]:

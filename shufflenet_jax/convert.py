@@ -61,14 +61,19 @@ def path_to_torch_key(path: Sequence[str | int]) -> str:
     return ".".join([str(p) for p in modules if p != "layers"] + [_LEAF_TO_TORCH.get(leaf, leaf)])
 
 
+# Axis permutations by rank: conv OIHW <-> HWIO, linear (out, in) <-> (in, out), vectors as is.
+_TO_FLAX_AXES = {4: (2, 3, 1, 0), 2: (1, 0), 1: (0,)}
+_TO_TORCH_AXES = {4: (3, 2, 0, 1), 2: (1, 0), 1: (0,)}
+
+
 def to_flax_layout(a: np.ndarray) -> np.ndarray:
     """OIHW conv kernel -> HWIO, (out, in) linear kernel -> (in, out); vectors unchanged."""
-    return {4: lambda: a.transpose(2, 3, 1, 0), 2: lambda: a.T}.get(a.ndim, lambda: a)()
+    return a.transpose(_TO_FLAX_AXES[a.ndim])
 
 
 def to_torch_layout(a: np.ndarray) -> np.ndarray:
     """The inverse of `to_flax_layout`."""
-    return {4: lambda: a.transpose(3, 2, 0, 1), 2: lambda: a.T}.get(a.ndim, lambda: a)()
+    return a.transpose(_TO_TORCH_AXES[a.ndim])
 
 
 def load_torch_state_dict(source: Any) -> dict[str, np.ndarray]:
@@ -144,8 +149,8 @@ def torch_to_values(state_dict: Mapping[str, np.ndarray], abstract: ShuffleNetV2
         if path not in expected:
             unexpected.append(key)
         elif to_flax_layout(value).shape != expected[path]:
-            torch_shape = to_torch_layout(np.empty(expected[path], np.int8)).shape
-            wrong_shape.append(f"{key}: got {tuple(value.shape)}, model needs {torch_shape}")
+            needed = tuple(expected[path][i] for i in _TO_TORCH_AXES[len(expected[path])])
+            wrong_shape.append(f"{key}: got {tuple(value.shape)}, model needs {needed}")
         else:
             converted[path] = to_flax_layout(value)
     missing = [path_to_torch_key(p) for p in expected if p not in seen]
@@ -213,6 +218,14 @@ def to_torch_state_dict(model: ShuffleNetV2) -> dict[str, Any]:
         if key.endswith("running_var"):
             out[key.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
     return {key: out[key] for key in sorted(out, key=_torch_order)}
+
+
+def grads_to_torch(model: ShuffleNetV2, grads: nnx.State) -> dict[str, np.ndarray]:
+    """Gradients w.r.t. `model`'s parameters, named and laid out like PyTorch's `param.grad`."""
+    grad_model = nnx.clone(model)
+    nnx.update(grad_model, grads)
+    params = {path_to_torch_key(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {k: v.numpy() for k, v in to_torch_state_dict(grad_model).items() if k in params}
 
 
 _LEAF_ORDER = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -65,7 +65,8 @@ def _windows(x: Array, kh: int, kw: int, stride: int, pad_value: float = 0.0) ->
 def conv_im2col(x: Array, kernel: Array, stride: int) -> Array:
     """Dense convolution as one matmul over the kh*kw*C_in stacked windows (im2col).
 
-    For the 3-channel stem XLA CPU's convolution is ~20x slower than this matmul.
+    For the 3-channel stem XLA CPU's convolution is about 2x slower, forward and backward
+    (benchmarks/ops.py).
     """
     kh, kw, cin, cout = kernel.shape
     patches = jnp.concatenate(_windows(x, kh, kw, stride), axis=-1)
@@ -134,7 +135,7 @@ def max_pool_3x3_s2(x: Array) -> Array:
 
     The gradient goes to the first maximum of each window in row-major order, as PyTorch's does.
     It is computed element-wise over the nine strided views: XLA CPU's own `reduce_window`
-    gradient (select-and-scatter) took 16x the forward time, this one 3x.
+    gradient (select-and-scatter) takes about twice as long (benchmarks/ops.py).
     """
     return lax.reduce_window(
         x,
