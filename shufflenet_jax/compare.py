@@ -100,23 +100,11 @@ def top5(logits: np.ndarray) -> list[list[tuple[int, float]]]:
 
 def load_image(path: str, width: float) -> np.ndarray:
     """One image with torchvision's ImageNet eval preprocessing, as a (1, 224, 224, 3) array."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision import transforms
+    from shufflenet_jax.input_pipeline import EvalTransform, decode_image
 
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from e
-    tf = transforms.Compose(
-        [
-            transforms.Resize(EVAL_RESIZE[width]),
-            transforms.CenterCrop(224),
-            transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ]
-    )
-    return tf(image).permute(1, 2, 0).numpy()[None]
+    with open(path, "rb") as f:
+        image = decode_image(f.read(), path)
+    return EvalTransform(resize_size=EVAL_RESIZE[width])(image)[None]
 
 
 def compare(

@@ -105,7 +105,8 @@ def test_compare_names_an_image_it_cannot_decode(tmp_path, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(SystemExit) as e:
         compare.main(["--width", "0.5", "--image", str(tmp_path / "broken.jpg")])
-    assert e.value.code == 1 and "cannot decode image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "cannot decode the image of" in err and "broken.jpg" in err
 
 
 def test_compare_runs_as_a_module_and_prints_json():

@@ -1,0 +1,113 @@
+"""Images/second of the input pipeline on ImageNet-sized JPEGs (docs/input_pipeline.md).
+
+    python benchmarks/input_pipeline.py [--images 1024] [--batch 64] [--repeats 3] [--json OUT]
+
+Writes `--images` photo-like JPEGs (500x375, quality 90, about ImageNet's median size and
+compression) into a temporary image folder, prepares it with the `image_folder` builder, then
+reads the train stream (random-resized crop 224, flip, color jitter 0.4, normalize) and the eval
+stream (resize 256, center crop 224) for several reader settings: worker processes x threads.
+Each setting: a warm-up batch, then `--repeats` timed passes of `--batches` batches; the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from shufflenet_jax import input_pipeline as ip
+from shufflenet_jax import prepare
+
+SETTINGS = [(0, 0), (0, 4), (0, 16), (2, 0), (2, 4)]  # (worker processes, read threads)
+
+
+def write_jpegs(root: Path, count: int, seed: int = 0) -> float:
+    """`count` 500x375 JPEGs in two classes under root/train; returns the mean file size (KB)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:375, 0:500] / 500.0
+    sizes = []
+    for i in range(count):
+        cls = root / "train" / f"class{i % 2}"
+        cls.mkdir(parents=True, exist_ok=True)
+        f = rng.uniform(2, 12, 3)
+        base = np.stack([np.sin(f[0] * xx), np.cos(f[1] * yy), np.sin(f[2] * (xx + yy))], -1)
+        noise = rng.normal(0, 20, base.shape)
+        pixels = np.clip(127 + 90 * base + noise, 0, 255).astype(np.uint8)
+        path = cls / f"{i}.jpg"
+        Image.fromarray(pixels).save(path, "JPEG", quality=90)
+        sizes.append(path.stat().st_size)
+    return float(np.mean(sizes)) / 1024
+
+
+def images_per_second(make_iter, batch: int, batches: int, repeats: int) -> float:
+    it = make_iter()
+    next(it)  # warm-up: worker start, first reads
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        times.append(time.perf_counter() - start)
+    return batch * batches / statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, data_dir = Path(tmp) / "images", Path(tmp) / "tfds"
+        kb = write_jpegs(root, args.images)
+        prepare.prepare("image_folder", data_dir=str(data_dir), manual_dir=str(root))
+        split = ip.load_split("image_folder", "train", str(data_dir))
+        train_tf = ip.TrainTransform(image_size=224, color_jitter=0.4)
+        eval_tf = ip.EvalTransform(image_size=224, resize_size=256)
+        rows = []
+        for workers, threads in SETTINGS:
+            common = {"batch_size": args.batch, "worker_count": workers, "read_threads": threads}
+            train = images_per_second(
+                lambda c=common: iter(ip.train_dataset(split, transform=train_tf, seed=0, **c)),
+                args.batch,
+                args.batches,
+                args.repeats,
+            )
+
+            def endless_eval(c=common):
+                while True:
+                    yield from ip.eval_dataset(split, transform=eval_tf, **c)
+
+            evaluation = images_per_second(endless_eval, args.batch, args.batches, args.repeats)
+            rows.append({"workers": workers, "threads": threads, "train_img_s": train})
+            rows[-1]["eval_img_s"] = evaluation
+            print(
+                f"workers {workers} threads {threads:2d}: train {train:7.1f} img/s, "
+                f"eval {evaluation:7.1f} img/s",
+                flush=True,
+            )
+
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "images": args.images,
+        "mean_jpeg_kb": kb,
+        "batch": args.batch,
+        "rows": rows,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The TFDS builders (digits, image_folder, imagenet2012) and the prepare command."""
+
+import io
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from shufflenet_jax import datasets, prepare
+from shufflenet_jax.input_pipeline import decode_image, load_split
+
+
+def jpeg_bytes(seed: int, size=(12, 10)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def records(split) -> dict[str, dict]:
+    return {r["file_name"].decode(): r for r in (split.source[i] for i in range(len(split)))}
+
+
+def test_digits_builder_holds_all_sklearn_digits_with_their_labels(digits_data_dir):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    train = records(load_split("digits", "train", digits_data_dir))
+    test = records(load_split("digits", "test", digits_data_dir))
+    assert (len(train), len(test)) == (1438, 359)
+    assert not set(train) & set(test)
+    for name, r in (train | test).items():
+        i = int(name.removeprefix("digit_"))
+        assert r["label"] == digits.target[i]
+        pixels = np.asarray(Image.open(io.BytesIO(r["image"])))
+        np.testing.assert_array_equal(pixels, datasets.digits_image(digits.data[i])[..., 0])
+    assert len(set(train) | set(test)) == 1797
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    files = {}
+    for split, per_class in [("train", 3), ("validation", 2)]:
+        for c, cls in enumerate(["bird", "cat", "dog"]):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class - (split == "validation" and cls == "dog")):
+                data = jpeg_bytes(100 * c + 10 * i + len(split))
+                (root / split / cls / f"{i}.jpg").write_bytes(data)
+                files[(split, f"{cls}/{i}.jpg")] = (data, c)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    return root, files
+
+
+def test_image_folder_builder_reads_every_file_with_its_class(folder, tmp_path):
+    root, files = folder
+    builder = prepare.prepare("image_folder", data_dir=str(tmp_path), manual_dir=str(root))
+    assert builder.info.features["label"].names == ["bird", "cat", "dog"]
+    for split, count in [("train", 9), ("validation", 5)]:
+        got = records(load_split("image_folder", split, str(tmp_path)))
+        assert len(got) == count
+        for name, r in got.items():
+            data, label = files[(split, name)]
+            assert r["image"] == data and r["label"] == label
+
+
+def test_image_folder_refuses_a_class_missing_from_train(folder, tmp_path):
+    root, _ = folder
+    (root / "validation" / "horse").mkdir()
+    try:
+        with pytest.raises(ValueError, match=r"split 'validation' has classes not in 'train'"):
+            prepare.prepare("image_folder", data_dir=str(tmp_path), manual_dir=str(root))
+    finally:
+        (root / "validation" / "horse").rmdir()
+
+
+def test_imagenet2012_builder_prepares_the_ilsvrc2012_tar_layout(tmp_path):
+    """The real TFDS builder on tars laid out as ILSVRC2012 (needs TensorFlow to prepare)."""
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    synsets = ["n01440764", "n01443537", "n02105855"]
+    with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as train_tar:
+        for s, synset in enumerate(synsets):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as class_tar:
+                for i in range(2):
+                    add_to_tar(class_tar, f"{synset}_{i}.JPEG", jpeg_bytes(10 * s + i))
+            add_to_tar(train_tar, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val_tar:
+        for i in range(1, 5):
+            add_to_tar(val_tar, f"ILSVRC2012_val_{i:08d}.JPEG", jpeg_bytes(100 + i, (9, 7)))
+
+    data_dir = str(tmp_path / "tfds")
+    prepare.prepare("imagenet2012", data_dir=data_dir, manual_dir=str(manual))
+
+    names = open(tfds.core.tfds_path("datasets/imagenet2012/labels.txt")).read().split()
+    val_synsets = open(tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt")).read()
+    train = records(load_split("imagenet2012", "train", data_dir))
+    assert sorted(train) == sorted(f"{s}_{i}.JPEG" for s in synsets for i in range(2))
+    for name, r in train.items():
+        assert r["label"] == names.index(name.split("_")[0])
+        assert decode_image(r["image"], name).size == (12, 10)
+    val = records(load_split("imagenet2012", "validation", data_dir))
+    assert len(val) == 4
+    for i, synset in enumerate(val_synsets.split()[:4], start=1):
+        assert val[f"ILSVRC2012_val_{i:08d}.JPEG"]["label"] == names.index(synset)
+
+
+def test_prepare_cli_prints_splits_and_counts(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "shufflenet_jax.prepare", "digits", "--data_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "test: 359 examples" in out and "train: 1438 examples" in out
+
+
+def test_prepare_without_tensorflow_says_it_is_needed_for_imagenet(tmp_path):
+    (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(b"")
+    code = (
+        "import tests.hide_tensorflow\n"
+        "from shufflenet_jax.prepare import main\n"
+        f"main(['imagenet2012', '--data_dir', r'{tmp_path}', '--manual_dir', r'{tmp_path}'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "preparing 'imagenet2012' needs TensorFlow" in r.stderr
+    assert "pip install tensorflow-cpu" in r.stderr
+
+
+def test_prepare_refuses_unknown_dataset_and_image_folder_without_root(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet2013'"):
+        prepare.prepare("imagenet2013", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="image_folder needs --manual_dir ROOT"):
+        prepare.prepare("image_folder", data_dir=str(tmp_path))
