@@ -1,0 +1,86 @@
+"""Evaluate a model: `python eval.py --config configs/digits.py --workdir runs/digits`.
+
+Exactly one of --workdir (a training run: its newest checkpoint, and the EMA weights if any),
+--checkpoint (a model checkpoint directory, e.g. from shufflenet_jax.convert or DIR/best/STEP)
+or --torch_weights (a torchvision .pth state_dict). With --image, classify those files instead
+of evaluating a split.
+"""
+
+import json
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from shufflenet_jax import evaluation, input_pipeline
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The model and data config.", lock_config=False)
+flags.DEFINE_string("workdir", None, "A training workdir.")
+flags.DEFINE_string("checkpoint", None, "A model checkpoint directory.")
+flags.DEFINE_string("torch_weights", None, "A torchvision ShuffleNet V2 .pth file.")
+flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
+flags.DEFINE_string("json", None, "Write the results as JSON here.")
+flags.DEFINE_integer("recalibrate_bn", 0, "Re-estimate BN statistics over N training batches.")
+flags.DEFINE_multi_string("image", None, "Classify these image files (repeatable).")
+flags.mark_flags_as_required(["config"])
+
+
+def _table(results: dict) -> str:
+    lines = [
+        f"{'weights':8s} {'top-1':>7s} {'top-5':>7s} {'loss':>7s} {'examples':>9s} {'img/s':>8s}"
+    ]
+    for name, m in results.items():
+        lines.append(
+            f"{name:8s} {m['top1']:7.4f} {m['top5']:7.4f} {m['loss']:7.4f} "
+            f"{m['examples']:9d} {m['images_per_second']:8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    config = FLAGS.config
+    try:
+        models = evaluation.load_models(
+            config,
+            workdir=FLAGS.workdir,
+            checkpoint_dir=FLAGS.checkpoint,
+            torch_weights=FLAGS.torch_weights,
+        )
+        if FLAGS.image:
+            names = evaluation.imagenet_class_names() if config.num_classes == 1000 else None
+            transform = input_pipeline.EvalTransform(config.image_size, config.eval_resize)
+            results = evaluation.classify_images(models["model"], FLAGS.image, transform, names)
+            for r in results:
+                if "error" in r:
+                    print(f"{r['image']}: error: {r['error']}")
+                    continue
+                print(r["image"])
+                for t in r["top"]:
+                    print(f"  {t['probability']:7.2%}  {t['class']:4d}  {t['name']}")
+            failed = any("error" in r for r in results)
+        else:
+            split = evaluation.eval_split(config, FLAGS.split)
+            if FLAGS.recalibrate_bn:
+                models = evaluation.recalibrate_models(models, config, FLAGS.recalibrate_bn)
+            results = {
+                name: evaluation.evaluate_model(model, config, split)[0]
+                for name, model in models.items()
+            }
+            print(f"{config.dataset}/{split.split}")
+            print(_table(results))
+            failed = False
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

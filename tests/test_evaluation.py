@@ -1,0 +1,154 @@
+"""eval.py and shufflenet_jax.evaluation: trained, converted and torchvision weights; images."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import digits as digits_config
+from shufflenet_jax import checkpoint, evaluation, input_pipeline, training
+from shufflenet_jax.compare import randomize_batchnorm
+from shufflenet_jax.models import abstract_model
+
+from .helpers import random_values
+from .test_input_pipeline import smooth_jpeg
+from .test_training import ROOT, small_config
+
+
+@pytest.fixture(scope="module")
+def trained(digits_data_dir, tmp_path_factory):
+    """A short digits run with EMA: (config, workdir, the loop's final eval metrics)."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = small_config(digits_data_dir, total_steps=20, eval_every=20, ema_decay=0.9)
+    result = training.train_and_evaluate(config, workdir)
+    return config, workdir, result.eval_metrics
+
+
+def test_eval_of_a_training_run_reports_the_loops_final_top1(trained):
+    config, workdir, loop = trained
+    models = evaluation.load_models(config, workdir=workdir)
+    assert set(models) == {"model", "ema"}
+    split = evaluation.eval_split(config)
+    metrics, predictions = evaluation.evaluate_model(models["model"], config, split)
+    assert metrics["examples"] == 359 and np.all(predictions >= 0)
+    assert metrics["top1"] == loop["top1"] and metrics["top5"] == loop["top5"]
+    ema, _ = evaluation.evaluate_model(models["ema"], config, split)
+    assert ema["top1"] == loop["ema_top1"]
+    (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
+    from_best = evaluation.load_models(config, checkpoint_dir=best)["model"]
+    assert evaluation.evaluate_model(from_best, config, split)[0]["top1"] == loop["top1"]
+
+
+def test_eval_cli_prints_a_table_and_writes_json_for_both_weights(trained, tmp_path):
+    config, workdir, loop = trained
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval.py"),
+            "--config",
+            str(ROOT / "configs" / "digits.py"),
+            f"--config.data_dir={config.data_dir}",
+            "--config.num_devices=1",
+            "--config.ema_decay=0.9",
+            f"--workdir={workdir}",
+            f"--json={tmp_path / 'eval.json'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "digits/test" in out.stdout and "ema" in out.stdout
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["model"]["top1"] == loop["top1"] and result["model"]["examples"] == 359
+    assert result["ema"]["top1"] == loop["ema_top1"]
+
+
+def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_path):
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    randomize_batchnorm(reference, seed=1)
+    reference.eval()
+    torch.save(reference.state_dict(), tmp_path / "x0_5.pth")
+    config = small_config(digits_data_dir)
+    split = evaluation.eval_split(config)
+    model = evaluation.load_models(config, torch_weights=tmp_path / "x0_5.pth")["model"]
+
+    expected = np.full(len(split), -1)
+    transform = input_pipeline.EvalTransform(config.image_size, config.eval_resize)
+    for batch in input_pipeline.eval_dataset(split, batch_size=64, transform=transform):
+        with torch.no_grad():
+            logits = reference(torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)).numpy()
+        expected[batch["index"][batch["mask"]]] = logits.argmax(-1)[batch["mask"]]
+    labels = np.array([split.source[i]["label"] for i in range(len(split))])
+
+    for eval_batch in (64, 100, 359, 512):  # sizes that do and do not divide 359
+        config.eval_batch_size = eval_batch
+        metrics, predictions = evaluation.evaluate_model(model, config, split)
+        assert metrics["examples"] == 359
+        np.testing.assert_array_equal(predictions, expected)
+        assert metrics["top1"] == pytest.approx(np.mean(expected == labels), abs=1e-12)
+
+
+def test_recalibrated_batchnorm_holds_the_cumulative_average_of_batch_statistics():
+    model = abstract_model(0.5, 10)
+    nnx.update(model, random_values(model, seed=2))
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32)} for _ in range(3)]
+    recalibrated = evaluation.recalibrate_batchnorm(model, iter(batches), 3)
+    kernel = np.asarray(model.conv1.layers[0].kernel[...])
+    means, variances = [], []
+    for b in batches:
+        y = jax.lax.conv_general_dilated(
+            b["image"], kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        means.append(np.mean(y, axis=(0, 1, 2)))
+        variances.append(np.var(y, axis=(0, 1, 2)))
+    bn = recalibrated.conv1.layers[1]
+    np.testing.assert_allclose(bn.mean[...], np.mean(means, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.var[...], np.mean(variances, 0), rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.9
+    # the original model is untouched
+    assert not np.allclose(model.conv1.layers[1].mean[...], bn.mean[...])
+
+
+def test_classify_images_names_imagenet_classes_and_the_unreadable_file(tmp_path):
+    names = evaluation.imagenet_class_names()
+    assert len(names) == 1000 and names[0] == "tench" and names[207] == "golden retriever"
+    model = abstract_model(0.5, 1000)
+    nnx.update(model, random_values(model, seed=3))
+    smooth_jpeg(tmp_path / "a.jpg", 300, 200)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 broken")
+    transform = input_pipeline.EvalTransform(64, 72)
+    paths = [str(tmp_path / "bad.jpg"), str(tmp_path / "a.jpg")]
+    bad, good = evaluation.classify_images(model, paths, transform, names)
+    assert "bad.jpg" in bad["error"] and "cannot decode" in bad["error"]
+    assert len(good["top"]) == 5
+    probs = [t["probability"] for t in good["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert all(t["name"] == names[t["class"]] for t in good["top"])
+
+
+def test_eval_refuses_mismatched_models_missing_splits_and_ambiguous_sources(
+    digits_data_dir, tmp_path
+):
+    model = abstract_model(0.5, 1000)
+    nnx.update(model, random_values(model, seed=4))
+    checkpoint.save_model(tmp_path / "x0_5", model)
+    config = digits_config.get_config()
+    config.data_dir = digits_data_dir
+    with pytest.raises(ValueError, match="holds a 0.5x model with 1000 classes; the config asks"):
+        evaluation.load_models(config, checkpoint_dir=tmp_path / "x0_5")
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        evaluation.eval_split(config, "validation")
+    with pytest.raises(ValueError, match="exactly one of"):
+        evaluation.load_models(config, workdir=tmp_path, checkpoint_dir=tmp_path / "x0_5")
+    with pytest.raises(ValueError, match="no usable training checkpoint"):
+        evaluation.load_models(config, workdir=tmp_path / "empty")

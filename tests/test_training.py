@@ -1,0 +1,376 @@
+"""Training: sharding equivalence, resume, signals, checkpoints, schedule, decay mask, learning."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import digits as digits_config
+from configs import imagenet as imagenet_config
+from configs import imagenet_cosine
+from shufflenet_jax import checkpoint, input_pipeline, optim, training
+from shufflenet_jax.layers import Conv2d
+from shufflenet_jax.models import abstract_model
+
+from .helpers import random_values
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_config(data_dir, **overrides):
+    """The digits quickstart, shrunk to a few cheap steps."""
+    c = digits_config.get_config()
+    c.data_dir = data_dir
+    c.image_size, c.eval_resize = 32, 32
+    c.batch_size, c.eval_batch_size = 16, 128
+    c.total_steps, c.warmup_steps = 100, 0
+    c.log_every, c.eval_every, c.checkpoint_every = 1, 10_000, 10_000
+    c.num_devices = 1  # 8 simulated devices on 2 cores are slow; the sharding tests ask for them
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def params_of(result):
+    return jax.tree.map(np.asarray, result.state.params)
+
+
+def assert_trees_close(a, b, rtol, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def losses(workdir):
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return {e["step"]: e["loss"] for e in map(json.loads, lines) if e["event"] == "train"}
+
+
+def test_weight_decay_mask_covers_exactly_conv_and_linear_kernels():
+    model = abstract_model(1.0, 1000)
+    params = nnx.state(model, nnx.Param)
+    mask = optim.weight_decay_mask(params)
+    decayed = {p for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+    kernels = set()
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Conv2d | nnx.Linear):
+            kernels.add(tuple(path) + ("kernel",))
+    as_keys = {tuple(k.key for k in p if isinstance(k, jax.tree_util.DictKey)) for p in decayed}
+    assert as_keys == kernels
+    assert len(kernels) == 57  # 56 convolutions and the classifier
+    total = len(jax.tree.leaves(params))
+    assert total - len(kernels) == 2 * 56 + 1  # BatchNorm scales and biases, fc bias
+
+
+def test_schedules_have_the_recipe_values_at_chosen_steps():
+    c = imagenet_config.get_config("1.0")
+    lr = optim.schedule(c)
+    assert optim.learning_rate(c) == pytest.approx(0.5)
+    assert float(lr(0)) == pytest.approx(0.5)
+    assert float(lr(150_000)) == pytest.approx(0.25)
+    assert float(lr(270_000)) == pytest.approx(0.05, rel=1e-5)
+    assert float(lr(300_000)) == pytest.approx(0.0, abs=1e-9)
+    c.batch_size = 256
+    assert optim.learning_rate(c) == pytest.approx(0.125)
+
+    cos = imagenet_cosine.get_config("1.0")
+    lr = optim.schedule(cos)
+    w = cos.warmup_steps
+    assert float(lr(0)) == 0.0
+    assert float(lr(w // 2)) == pytest.approx(0.25, rel=1e-3)
+    assert float(lr(w)) == pytest.approx(0.5)
+    assert float(lr(w + (300_000 - w) // 2)) == pytest.approx(0.25, rel=1e-4)
+    assert float(lr(300_000)) == pytest.approx(0.0, abs=1e-9)
+
+
+def assert_same_update(start, ours, reference, rtol=1e-3, atol=1e-7):
+    """`ours` and `reference` moved from `start` by the same step, to a fraction of its size.
+
+    Float32 results of differently-partitioned reductions differ by rounding; relative to the
+    update the parameters agree. (Over several steps the rounding grows chaotically: some
+    BatchNorm channels of this tiny-image net see almost no variance, so their normalization
+    amplifies it. The float64 test below checks several steps.)"""
+    for p0, a, b in zip(
+        jax.tree.leaves(start), jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True
+    ):
+        p0, a, b = (np.asarray(x, np.float64) for x in (p0, a, b))
+        assert np.abs(a - b).max() <= rtol * np.abs(b - p0).max() + atol
+
+
+def test_one_and_eight_devices_give_the_same_step(digits_data_dir, tmp_path):
+    config = small_config(digits_data_dir)
+    start = training.create_optimizer_and_state(config, training.create_model(config))[2]
+    start = jax.tree.map(np.asarray, start)
+    one = training.train_and_evaluate(
+        small_config(digits_data_dir, num_devices=1), tmp_path / "one", stop_after=1
+    )
+    eight = training.train_and_evaluate(
+        small_config(digits_data_dir, num_devices=8), tmp_path / "eight", stop_after=1
+    )
+    assert len(eight.state.params["conv1"]["layers"][0]["kernel"].sharding.device_set) == 8
+    assert losses(tmp_path / "eight")[1] == pytest.approx(losses(tmp_path / "one")[1], rel=1e-6)
+    assert_same_update(start.params, eight.state.params, one.state.params)
+    assert_same_update(start.batch_stats, eight.state.batch_stats, one.state.batch_stats)
+
+
+def test_one_and_eight_devices_agree_over_several_float64_steps(digits_data_dir):
+    config = small_config(digits_data_dir, compute_dtype="float64")
+    split = input_pipeline.load_split("digits", "train", digits_data_dir)
+    transform = training.train_transform(config)
+    stream = iter(input_pipeline.train_dataset(split, batch_size=16, transform=transform, seed=0))
+    batches = [next(stream) for _ in range(4)]
+    with jax.enable_x64(True):
+        graphdef, tx, start = training.create_optimizer_and_state(
+            config, training.create_model(config)
+        )
+        start = jax.tree.map(
+            lambda x: np.asarray(x, np.float64) if x.dtype == np.float32 else np.asarray(x), start
+        )
+        runs = {}
+        for n in (1, 8):
+            mesh = training.make_mesh(n)
+            rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+            step = jax.jit(
+                training.make_train_step(config, graphdef, tx),
+                in_shardings=(rep, data),
+                out_shardings=(rep, rep),
+            )
+            state, trace = jax.device_put(start, rep), []
+            for b in batches:
+                state, metrics = step(
+                    state,
+                    training.to_global(
+                        {"image": b["image"].astype(np.float64), "label": b["label"]}, data
+                    ),
+                )
+                trace.append(float(metrics["loss"]))
+            runs[n] = trace, jax.tree.map(np.asarray, state)
+    np.testing.assert_allclose(runs[8][0], runs[1][0], rtol=1e-10)
+    assert_same_update(start.params, runs[8][1].params, runs[1][1].params, rtol=1e-8, atol=1e-12)
+    assert_same_update(
+        start.batch_stats, runs[8][1].batch_stats, runs[1][1].batch_stats, rtol=1e-8, atol=1e-12
+    )
+
+
+def test_interrupted_and_resumed_training_ends_with_the_same_parameters(digits_data_dir, tmp_path):
+    config = small_config(digits_data_dir, total_steps=6)
+    straight = training.train_and_evaluate(config, tmp_path / "straight")
+    first = training.train_and_evaluate(config, tmp_path / "resumed", stop_after=3)
+    assert int(first.state.step) == 3
+    resumed = training.train_and_evaluate(config, tmp_path / "resumed")
+    assert int(resumed.state.step) == 6
+    assert_trees_close(params_of(straight), params_of(resumed), rtol=0, atol=0)
+    assert resumed.eval_metrics == straight.eval_metrics
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+def test_truncated_newest_checkpoint_is_skipped_with_a_warning(digits_data_dir, tmp_path, caplog):
+    config = small_config(digits_data_dir, total_steps=8, keep_checkpoints=3, checkpoint_every=2)
+    training.train_and_evaluate(config, tmp_path, stop_after=4)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4]
+    for f in (ckpts / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    # what a kill -9 in the middle of a save leaves: an uncommitted temporary directory
+    (ckpts / "6.orbax-checkpoint-tmp").mkdir()
+    caplog.set_level(logging.WARNING)
+    result = training.train_and_evaluate(config, tmp_path, stop_after=5)
+    assert any(
+        "checkpoint 4" in r.getMessage() and "unusable" in r.getMessage() for r in caplog.records
+    )
+    assert any("resumed from step 2" in r.getMessage() for r in caplog.records)
+    assert int(result.state.step) == 5
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(
+    digits_data_dir, tmp_path
+):
+    config = small_config(digits_data_dir, base_learning_rate=1e30, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss \w+ at step \d+"):
+        training.train_and_evaluate(config, tmp_path, stop_after=20)
+    state = training.latest_state(config, tmp_path)
+    for leaf in jax.tree.leaves(state.params):
+        assert np.all(np.isfinite(leaf))
+
+
+def test_clear_errors_for_batch_width_dataset_and_foreign_workdir(digits_data_dir, tmp_path):
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        training.train_and_evaluate(
+            small_config(digits_data_dir, batch_size=12, num_devices=8), tmp_path / "a"
+        )
+    with pytest.raises(ValueError, match="unknown ShuffleNet V2 width 0.75"):
+        training.train_and_evaluate(small_config(digits_data_dir, width=0.75), tmp_path / "b")
+    with pytest.raises(ValueError, match="unknown dataset 'digitz'"):
+        training.train_and_evaluate(small_config(digits_data_dir, dataset="digitz"), tmp_path / "c")
+    training.train_and_evaluate(small_config(digits_data_dir), tmp_path / "d", stop_after=1)
+    with pytest.raises(ValueError, match="holds checkpoints of another model.*'width': 0.5"):
+        training.train_and_evaluate(small_config(digits_data_dir, width=1.0), tmp_path / "d")
+
+
+def test_fine_tuning_starts_from_a_converted_checkpoint_with_a_new_head(tmp_path):
+    pretrained = abstract_model(0.5, 1000)
+    values = jax.tree.map(lambda v: np.asarray(v, np.float32), random_values(pretrained, seed=1))
+    nnx.update(pretrained, values)
+    checkpoint.save_model(tmp_path / "x0_5", pretrained, source="test")
+    config = digits_config.get_config()
+    config.init_from = str(tmp_path / "x0_5")
+    model = training.create_model(config)
+    assert model.fc.kernel.shape == (1024, 10)
+    np.testing.assert_array_equal(
+        model.conv5.layers[0].kernel[...], values["conv5"]["layers"][0]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        model.stage3.layers[2].branch2.layers[1].mean[...],
+        values["stage3"]["layers"][2]["branch2"]["layers"][1]["mean"],
+    )
+
+
+def test_bf16_ema_accumulation_and_nesterov_options_train(digits_data_dir, tmp_path):
+    config = small_config(
+        digits_data_dir,
+        compute_dtype="bfloat16",
+        ema_decay=0.5,
+        grad_accum_steps=2,
+        nesterov=True,
+        total_steps=4,
+        eval_every=4,
+    )
+    start = training.latest_state(config, tmp_path / "none")
+    assert start is None
+    after_one = training.train_and_evaluate(config, tmp_path / "one", stop_after=1)
+    fresh = training.create_optimizer_and_state(config, training.create_model(config))[2]
+    # one micro-batch of two: the parameters have not moved yet, the BN statistics have
+    assert_trees_close(params_of(after_one), jax.tree.map(np.asarray, fresh.params), 0, 0)
+    result = training.train_and_evaluate(config, tmp_path / "full")
+    kernel = result.state.params["fc"]["kernel"]
+    assert kernel.dtype == np.float32 and np.all(np.isfinite(np.asarray(kernel)))
+    assert not np.allclose(np.asarray(result.state.ema_params["fc"]["kernel"]), np.asarray(kernel))
+    assert {"top1", "top5", "ema_top1", "ema_top5"} <= set(result.eval_metrics)
+    assert result.eval_metrics["examples"] == 359
+
+
+def test_digits_quickstart_learns_well_above_chance(digits_data_dir, tmp_path):
+    config = digits_config.get_config()
+    config.data_dir = digits_data_dir
+    config.total_steps, config.eval_every, config.num_devices = 300, 300, 1
+    result = training.train_and_evaluate(config, tmp_path)
+    assert result.eval_metrics["examples"] == 359
+    assert result.eval_metrics["top1"] >= 0.5  # chance is 0.1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_train(workdir, data_dir, *extra, env=None, **kwargs):
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "digits.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={data_dir}",
+        "--config.batch_size=16",
+        "--config.log_every=1",
+        "--config.eval_every=10000",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
+    proc = run_train(
+        tmp_path,
+        digits_data_dir,
+        "--config.total_steps=100000",
+        "--config.checkpoint_every=100000",
+        "--config.num_devices=1",
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 2
+    assert max(losses(tmp_path)) == steps[0]
+
+
+def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
+    port = free_port()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs = [
+        run_train(
+            tmp_path / "multi",
+            digits_data_dir,
+            "--config.total_steps=1",
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            env=env,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=400)
+        assert p.returncode == 0, out
+
+    # one process, 4 devices, fed the two processes' shares side by side
+    config = small_config(digits_data_dir, num_devices=4, total_steps=1, checkpoint_every=1)
+    config.warmup_steps = digits_config.get_config().warmup_steps
+    start = training.create_optimizer_and_state(config, training.create_model(config))[2]
+    split = input_pipeline.load_split("digits", "train", digits_data_dir)
+    transform = training.train_transform(config)
+    shares = [
+        iter(
+            input_pipeline.train_dataset(
+                split,
+                batch_size=8,
+                transform=transform,
+                seed=config.seed,
+                process_index=i,
+                process_count=2,
+                read_threads=0,
+            )
+        )
+        for i in range(2)
+    ]
+
+    def together():
+        while True:
+            a, b = next(shares[0]), next(shares[1])
+            yield {k: np.concatenate([a[k], b[k]]) for k in a}
+
+    single = training.train_and_evaluate(config, tmp_path / "single", train_batches=together())
+    multi = training.latest_state(config, tmp_path / "multi")
+    assert int(multi.step) == 1
+    # gloo's cross-process sums round differently from one process's: float32 noise, 1e-6-ish
+    assert losses(tmp_path / "multi")[1] == pytest.approx(losses(tmp_path / "single")[1], rel=1e-5)
+    assert_same_update(start.params, multi.params, single.state.params)
+    assert_same_update(start.batch_stats, multi.batch_stats, single.state.batch_stats)

@@ -1,0 +1,52 @@
+"""Train ShuffleNet V2: `python train.py --config configs/digits.py --workdir runs/digits`.
+
+Any config field can be overridden: `--config.total_steps=200 --config.batch_size=32`. A
+workdir with checkpoints resumes from the newest good one. Multi-host: pass
+`--coordinator_address host:port --num_processes N --process_id I` (or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host.
+"""
+
+import os
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from shufflenet_jax import training
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+flags.DEFINE_string(
+    "coordinator_address",
+    os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0, for multi-host training.",
+)
+flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")), "Number of processes."
+)
+flags.DEFINE_integer(
+    "process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "This process's index."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    if FLAGS.coordinator_address:
+        training.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
+    try:
+        result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if jax.process_index() == 0 and result.eval_metrics is not None:
+        print(f"final eval: top-1 {result.eval_metrics['top1']:.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
