@@ -62,9 +62,15 @@ class ShuffleUnit(nnx.Module):
         *,
         depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
         pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
+        shuffle_impl: str = "transpose",
         unbiased_running_var: bool = False,
         rngs: nnx.Rngs,
     ):
+        if shuffle_impl not in ops.SHUFFLE_IMPLS:
+            raise ValueError(
+                f"unknown shuffle_impl {shuffle_impl!r}; choose from {sorted(ops.SHUFFLE_IMPLS)}"
+            )
+        self.shuffle_impl = shuffle_impl
         if stride not in (1, 2):
             raise ValueError(f"ShuffleUnit stride must be 1 or 2, got {stride}")
         if out_channels % 2:
@@ -122,16 +128,17 @@ class ShuffleUnit(nnx.Module):
             out = jnp.concatenate([x1, self.branch2(x2)], axis=-1)
         else:
             out = jnp.concatenate([self.branch1(x), self.branch2(x)], axis=-1)
-        return ops.channel_shuffle(out, 2)
+        return ops.SHUFFLE_IMPLS[self.shuffle_impl](out, 2)
 
 
 class ShuffleNetV2(nnx.Module):
     """ShuffleNet V2 for NHWC RGB images of any size (down to 1x1), returning class logits.
 
     `dense_impl` / `depthwise_impl` / `pointwise_impl` pick how the stem 3x3, the depthwise 3x3
-    and the 1x1 convolutions are computed (all choices compute the same function).
-    `unbiased_running_var=True` makes BatchNorm's running variance follow PyTorch (unbiased)
-    instead of Flax (biased); it only matters in training mode.
+    and the 1x1 convolutions are computed, `shuffle_impl` the channel shuffle
+    (`ops.SHUFFLE_IMPLS`); all choices compute the same function. `unbiased_running_var=True`
+    makes BatchNorm's running variance follow PyTorch (unbiased) instead of Flax (biased); it
+    only matters in training mode.
     """
 
     def __init__(
@@ -142,6 +149,7 @@ class ShuffleNetV2(nnx.Module):
         dense_impl: str = DEFAULT_DENSE_IMPL,
         depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
         pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
+        shuffle_impl: str = "transpose",
         unbiased_running_var: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -167,8 +175,9 @@ class ShuffleNetV2(nnx.Module):
         for name, repeats, cout in zip(
             ("stage2", "stage3", "stage4"), STAGE_REPEATS, stage_channels, strict=False
         ):
-            units = [ShuffleUnit(cin, cout, 2, **bn_kw, **kw)]
-            units += [ShuffleUnit(cout, cout, 1, **bn_kw, **kw) for _ in range(repeats - 1)]
+            unit_kw = dict(shuffle_impl=shuffle_impl, **bn_kw, **kw)
+            units = [ShuffleUnit(cin, cout, 2, **unit_kw)]
+            units += [ShuffleUnit(cout, cout, 1, **unit_kw) for _ in range(repeats - 1)]
             setattr(self, name, nnx.Sequential(*units))
             cin = cout
         self.conv5 = nnx.Sequential(Conv2d(cin, c5, 1, **kw), BatchNorm(c5, **bn_kw), nnx.relu)

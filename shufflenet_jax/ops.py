@@ -30,6 +30,26 @@ def channel_shuffle(x: Array, groups: int) -> Array:
     return x.reshape(n, h, w, groups, c // groups).swapaxes(3, 4).reshape(n, h, w, c)
 
 
+def channel_shuffle_stack(x: Array, groups: int) -> Array:
+    """`channel_shuffle` written as split, stack on a new last axis, reshape (no transpose op)."""
+    n, h, w, c = x.shape
+    return jnp.stack(jnp.split(x, groups, axis=-1), axis=-1).reshape(n, h, w, c)
+
+
+def channel_shuffle_gather(x: Array, groups: int) -> Array:
+    """`channel_shuffle` as a gather with the permutation's index vector."""
+    c = x.shape[-1]
+    perm = jnp.arange(c).reshape(groups, c // groups).T.reshape(c)
+    return jnp.take(x, perm, axis=-1)
+
+
+SHUFFLE_IMPLS: dict[str, Callable[[Array, int], Array]] = {
+    "transpose": channel_shuffle,
+    "stack": channel_shuffle_stack,
+    "gather": channel_shuffle_gather,
+}
+
+
 def conv_lax(x: Array, kernel: Array, stride: int, groups: int = 1) -> Array:
     """Reference convolution via lax.conv, padded k//2 on every side (PyTorch's `padding=k//2`)."""
     pad = kernel.shape[0] // 2

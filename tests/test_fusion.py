@@ -1,0 +1,156 @@
+"""The fusion lab (shufflenet_jax.fusion) and the guideline experiments' FLOP balance."""
+
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shufflenet_jax import fusion, guidelines, ops
+from shufflenet_jax.models import abstract_model
+
+
+@pytest.mark.parametrize("groups,channels", [(2, 116), (3, 24), (4, 8), (1, 6)])
+def test_every_shuffle_implementation_computes_the_same_permutation(groups, channels):
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, channels))
+    expected = np.asarray(x).reshape(2, 3, 5, groups, -1).transpose(0, 1, 2, 4, 3).reshape(x.shape)
+    for name, impl in ops.SHUFFLE_IMPLS.items():
+        np.testing.assert_array_equal(np.asarray(impl(x, groups)), expected, err_msg=name)
+
+
+def test_network_shuffle_variants_give_the_same_outputs():
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    outputs = {}
+    for shuffle in fusion.SHUFFLES:
+        model = fusion._random_model(abstract_model(0.5, 10, shuffle_impl=shuffle), seed=3)
+        f, params, stats = fusion._as_pure(model, "forward", None)
+        outputs[shuffle] = np.asarray(jax.jit(f)(params, stats, x))
+    for shuffle in fusion.SHUFFLES[1:]:
+        np.testing.assert_allclose(outputs[shuffle], outputs["transpose"], rtol=1e-5, atol=1e-5)
+
+
+def test_unit_shuffle_variants_give_the_same_train_mode_gradients():
+    """In float64: train-mode gradients of a random unit are too ill-conditioned to compare
+    float32 runs whose only difference is XLA's order of operations."""
+    grads = {}
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(4), (2, 8, 8, 58), jnp.float64)
+        for shuffle in fusion.SHUFFLES:
+            f, params, stats = fusion.unit_case(58, shuffle, "shifted", "train")
+            to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
+            grads[shuffle] = jax.tree.leaves(jax.jit(f)(to64(params), to64(stats), x))
+    for shuffle in fusion.SHUFFLES[1:]:
+        for a, b in zip(grads[shuffle], grads["transpose"], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_folded_shuffle_in_a_unit_pair_computes_the_same_function():
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 116))
+    outputs = {}
+    for shuffle in ("transpose", "folded"):
+        f, params, stats = fusion.pair_case(116, shuffle, "shifted", "forward")
+        outputs[shuffle] = np.asarray(jax.jit(f)(params, stats, x))
+    np.testing.assert_allclose(outputs["folded"], outputs["transpose"], rtol=1e-5, atol=1e-5)
+
+
+def count_independently(text):
+    """Counts straight from the text: fusion instructions and custom calls."""
+    fusion_calls = len(re.findall(r"=\s*\S+\s+fusion\(", text))
+    tuple_fusions = len(re.findall(r"=\s*\([^=]*\)\s+fusion\(", text))
+    return fusion_calls + tuple_fusions, len(re.findall(r"custom_call_target=", text))
+
+
+@pytest.mark.parametrize("target", ["unit", "net"])
+def test_fusion_report_counts_agree_with_the_hlo_text(target, tmp_path):
+    if target == "unit":
+        f, params, stats = fusion.unit_case(58, "transpose", "shifted", "train")
+        x = jnp.ones((2, 14, 14, 58))
+    else:
+        f, params, stats = fusion.net_case(0.5, "transpose", "shifted", "forward")
+        x = jnp.ones((2, 64, 64, 3))
+    report = fusion.analyze(f, params, stats, x, repeats=1, save_hlo=tmp_path / "hlo.txt")
+    text = (tmp_path / "hlo.txt").read_text()
+    fusions, custom = count_independently(text)
+    assert sum(report.fusions.values()) == fusions == report.standalone["fusion"] > 0
+    assert sum(report.custom_calls.values()) == custom
+    assert report.flops > 0 and report.bytes_accessed > 0 and report.seconds > 0
+    assert report.standalone.get("transpose", 0) == 0  # the shuffle's transpose is fused
+    computations = fusion.parse_hlo(text)
+    assert "ENTRY" in computations
+    n_instructions = sum(
+        1 for line in text.splitlines() if re.match(r"^\s*(ROOT\s+)?%\S+ = ", line)
+    )
+    assert sum(len(v) for v in computations.values()) == n_instructions
+
+
+def test_separately_compiled_bn_and_relu_compute_the_same_with_more_memory_traffic():
+    reports, outputs = {}, {}
+    x = jax.random.normal(jax.random.key(5), (2, 8, 8, 32))
+    for variant in ("fused", "separate"):
+        f, params, stats = fusion.block_case(32, variant, "forward")
+        reports[variant] = fusion.analyze(f, params, stats, x, repeats=1)
+        stages = f if isinstance(f, list) else [f]
+        y = x
+        for stage in stages:
+            y = jax.jit(stage)(params, stats, y)
+        outputs[variant] = np.asarray(y)
+    np.testing.assert_allclose(outputs["separate"], outputs["fused"], rtol=1e-6, atol=1e-6)
+    assert sum(reports["separate"].fusions.values()) > sum(reports["fused"].fusions.values())
+    assert reports["separate"].bytes_accessed > reports["fused"].bytes_accessed
+
+
+def test_fusion_cli_documents_itself_and_writes_json(tmp_path):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "shufflenet_jax.fusion", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--target" in help_text and "--compare" in help_text and "--save-hlo" in help_text
+    out = tmp_path / "block.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shufflenet_jax.fusion",
+            "--target",
+            "block",
+            "--channels",
+            "16",
+            "--size",
+            "8",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["bn_relu=fused", "bn_relu=separate"]
+
+
+# The paper's own channel choices balance FLOPs to within these fractions (Table 1: 128*128*2 is
+# 5.35% above 36*432*2); G4's rows share the same convolutions exactly.
+TOLERANCE = {"G1": 0.054, "G2": 0.012, "G3": 0.011, "G4": 0.0}
+
+
+@pytest.mark.parametrize("table", ["G1", "G2", "G3", "G4"])
+def test_guideline_rows_hold_flops_equal(table):
+    ((title, rows),) = [(t, r) for t, r in guidelines.tables().items() if t.startswith(table)]
+    macs = [row.macs_per_image for row in rows]
+    assert max(macs) / min(macs) - 1 <= TOLERANCE[table]
+    # XLA agrees to 1%: 2 flops per multiply-accumulate, plus the element-wise ops, minus the
+    # 3x3 taps that fall on zero padding
+    for row in rows:
+        fn, args = row.build(1)
+        flops = jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+        assert flops == pytest.approx(2 * row.macs_per_image, rel=0.01), row.label
