@@ -138,7 +138,9 @@ def g4_row(c: int, relu: bool, shortcut: bool, gpu: float | None = None) -> Row:
         (True, False): "no shortcut",
         (False, False): "neither",
     }[(relu, shortcut)]
-    return Row(label, build, BLOCKS * SIZE * SIZE * (2 * c * c + 9 * c * c), gpu)
+    # a padded 3x3 conv makes (3H-2)(3W-2) in-bounds multiply-adds per channel pair, not 9HW
+    taps = (3 * SIZE - 2) ** 2
+    return Row(label, build, BLOCKS * c * c * (2 * SIZE * SIZE + taps), gpu)
 
 
 def tables(multiplier: int = 1) -> dict[str, list[Row]]:

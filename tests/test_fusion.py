@@ -148,9 +148,9 @@ def test_guideline_rows_hold_flops_equal(table):
     ((title, rows),) = [(t, r) for t, r in guidelines.tables().items() if t.startswith(table)]
     macs = [row.macs_per_image for row in rows]
     assert max(macs) / min(macs) - 1 <= TOLERANCE[table]
-    # XLA agrees to 1%: 2 flops per multiply-accumulate, plus the element-wise ops, minus the
-    # 3x3 taps that fall on zero padding
+    # XLA agrees: 2 flops per multiply-accumulate, plus the element-wise ops (ReLU, shortcut
+    # add: up to 1.9% more in G4, the table about them)
     for row in rows:
         fn, args = row.build(1)
         flops = jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
-        assert flops == pytest.approx(2 * row.macs_per_image, rel=0.01), row.label
+        assert 2 * row.macs_per_image <= flops <= 2 * row.macs_per_image * 1.02, row.label
