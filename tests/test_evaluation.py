@@ -89,8 +89,9 @@ def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_
         expected[batch["index"][batch["mask"]]] = logits.argmax(-1)[batch["mask"]]
     labels = np.array([split.source[i]["label"] for i in range(len(split))])
 
-    for eval_batch in (64, 100, 359, 512):  # sizes that do and do not divide 359
-        config.eval_batch_size = eval_batch
+    # batch sizes that do and do not divide 359, on one device and on eight
+    for eval_batch, devices in ((64, 1), (100, 1), (359, 1), (512, 1), (64, 8), (200, 8)):
+        config.eval_batch_size, config.num_devices = eval_batch, devices
         metrics, predictions = evaluation.evaluate_model(model, config, split)
         assert metrics["examples"] == 359
         np.testing.assert_array_equal(predictions, expected)

@@ -172,6 +172,14 @@ def test_interrupted_and_resumed_training_ends_with_the_same_parameters(digits_d
     assert_trees_close(params_of(straight), params_of(resumed), rtol=0, atol=0)
     assert resumed.eval_metrics == straight.eval_metrics
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    events = [
+        json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in train] == list(range(1, 7))
+    assert {"loss", "top1", "lr", "epoch", "images_per_second"} <= set(train[0])
+    assert [e["step"] for e in events if e["event"] == "eval"] == [6]
+    assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning(digits_data_dir, tmp_path, caplog):
