@@ -44,8 +44,11 @@ def main(argv):
         result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
-    if jax.process_index() == 0 and result.eval_metrics is not None:
-        print(f"final eval: top-1 {result.eval_metrics['top1']:.4f}")
+    if jax.process_index() == 0:
+        if result.eval_metrics is not None:
+            print(f"final eval: top-1 {result.eval_metrics['top1']:.4f}")
+        elif not result.stopped_by_signal and int(result.state.step) >= FLAGS.config.total_steps:
+            print(f"{FLAGS.workdir} is already at step {int(result.state.step)}: nothing to do")
 
 
 if __name__ == "__main__":

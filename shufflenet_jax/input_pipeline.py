@@ -329,9 +329,10 @@ def train_dataset(
 
     `batch_size` is this process's share of the global batch. Records are read and transformed
     by `read_threads` threads (0: in the consuming thread) in each of `worker_count` processes
-    (0: in this process). The order (reshuffled every epoch)
-    and the augmentations depend only on `seed`, the process and the position in the stream, so
-    `iter(ds)` with the same arguments, or an iterator restored with `set_state`, repeats them.
+    (0: in this process). The order (reshuffled every epoch) and the augmentations depend only
+    on `seed`, the process, `worker_count` (grain interleaves the workers' slices) and the
+    position in the stream, so `iter(ds)` with the same arguments, or an iterator restored with
+    `set_state`, repeats them; read threads do not change them.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

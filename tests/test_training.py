@@ -55,6 +55,113 @@ def losses(workdir):
     return {e["step"]: e["loss"] for e in map(json.loads, lines) if e["event"] == "train"}
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_train(workdir, data_dir, *extra, env=None, **kwargs):
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "digits.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.data_dir={data_dir}",
+        "--config.batch_size=16",
+        "--config.log_every=1",
+        "--config.eval_every=10000",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
+    proc = run_train(
+        tmp_path,
+        digits_data_dir,
+        "--config.total_steps=100000",
+        "--config.checkpoint_every=100000",
+        "--config.num_devices=1",
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 2
+    assert max(losses(tmp_path)) == steps[0]
+
+
+def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
+    port = free_port()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs = [
+        run_train(
+            tmp_path / "multi",
+            digits_data_dir,
+            "--config.total_steps=1",
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            env=env,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=400)
+        assert p.returncode == 0, out
+
+    # one process, 4 devices, fed the two processes' shares side by side
+    config = small_config(digits_data_dir, num_devices=4, total_steps=1, checkpoint_every=1)
+    config.warmup_steps = digits_config.get_config().warmup_steps
+    start = training.create_optimizer_and_state(config, training.create_model(config))[2]
+    split = input_pipeline.load_split("digits", "train", digits_data_dir)
+    transform = training.train_transform(config)
+    shares = [
+        iter(
+            input_pipeline.train_dataset(
+                split,
+                batch_size=8,
+                transform=transform,
+                seed=config.seed,
+                process_index=i,
+                process_count=2,
+                read_threads=0,
+            )
+        )
+        for i in range(2)
+    ]
+
+    def together():
+        while True:
+            a, b = next(shares[0]), next(shares[1])
+            yield {k: np.concatenate([a[k], b[k]]) for k in a}
+
+    single = training.train_and_evaluate(config, tmp_path / "single", train_batches=together())
+    multi = training.latest_state(config, tmp_path / "multi")
+    assert int(multi.step) == 1
+    # gloo's cross-process sums round differently from one process's: float32 noise, 1e-6-ish
+    assert losses(tmp_path / "multi")[1] == pytest.approx(losses(tmp_path / "single")[1], rel=1e-5)
+    assert_same_update(start.params, multi.params, single.state.params)
+    assert_same_update(start.batch_stats, multi.batch_stats, single.state.batch_stats)
+
+
 def test_weight_decay_mask_covers_exactly_conv_and_linear_kernels():
     model = abstract_model(1.0, 1000)
     params = nnx.state(model, nnx.Param)
@@ -275,110 +382,3 @@ def test_digits_quickstart_learns_well_above_chance(digits_data_dir, tmp_path):
     result = training.train_and_evaluate(config, tmp_path)
     assert result.eval_metrics["examples"] == 359
     assert result.eval_metrics["top1"] >= 0.5  # chance is 0.1
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def run_train(workdir, data_dir, *extra, env=None, **kwargs):
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--config",
-        str(ROOT / "configs" / "digits.py"),
-        "--workdir",
-        str(workdir),
-        f"--config.data_dir={data_dir}",
-        "--config.batch_size=16",
-        "--config.log_every=1",
-        "--config.eval_every=10000",
-        *extra,
-    ]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
-    proc = run_train(
-        tmp_path,
-        digits_data_dir,
-        "--config.total_steps=100000",
-        "--config.checkpoint_every=100000",
-        "--config.num_devices=1",
-    )
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "training did not start"
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(steps) == 1 and steps[0] >= 2
-    assert max(losses(tmp_path)) == steps[0]
-
-
-def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
-    port = free_port()
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    procs = [
-        run_train(
-            tmp_path / "multi",
-            digits_data_dir,
-            "--config.total_steps=1",
-            f"--coordinator_address=localhost:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            env=env,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=400)
-        assert p.returncode == 0, out
-
-    # one process, 4 devices, fed the two processes' shares side by side
-    config = small_config(digits_data_dir, num_devices=4, total_steps=1, checkpoint_every=1)
-    config.warmup_steps = digits_config.get_config().warmup_steps
-    start = training.create_optimizer_and_state(config, training.create_model(config))[2]
-    split = input_pipeline.load_split("digits", "train", digits_data_dir)
-    transform = training.train_transform(config)
-    shares = [
-        iter(
-            input_pipeline.train_dataset(
-                split,
-                batch_size=8,
-                transform=transform,
-                seed=config.seed,
-                process_index=i,
-                process_count=2,
-                read_threads=0,
-            )
-        )
-        for i in range(2)
-    ]
-
-    def together():
-        while True:
-            a, b = next(shares[0]), next(shares[1])
-            yield {k: np.concatenate([a[k], b[k]]) for k in a}
-
-    single = training.train_and_evaluate(config, tmp_path / "single", train_batches=together())
-    multi = training.latest_state(config, tmp_path / "multi")
-    assert int(multi.step) == 1
-    # gloo's cross-process sums round differently from one process's: float32 noise, 1e-6-ish
-    assert losses(tmp_path / "multi")[1] == pytest.approx(losses(tmp_path / "single")[1], rel=1e-5)
-    assert_same_update(start.params, multi.params, single.state.params)
-    assert_same_update(start.batch_stats, multi.batch_stats, single.state.batch_stats)
