@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--widths 1.0] [--batches 1 32] [--repeats 5]
         [--torch-compile] [--no-fold-bn] [--json OUT]
+    python benchmarks/throughput.py --fake-data [--fake-dtype bfloat16] --batches 256
 
 For each width and batch size it measures, alternating the frameworks round by round after a
 warm-up: inference images/s (eval mode), training-step images/s (forward, backward, SGD with
@@ -11,6 +12,9 @@ so it is not reported). JAX inference uses the model
 with BatchNorm folded into the convolutions unless --no-fold-bn. Medians over `--repeats`
 rounds. The JAX train step's time outside compiled code is estimated by timing a jitted
 identity over the same argument pytrees (flatten, dispatch, unflatten) against the real step.
+
+On a GPU or TPU backend (or with --fake-data) it instead times train.py's own sharded training
+step, in bfloat16 compute by default, on random batches made on the devices, over all devices.
 """
 
 from __future__ import annotations
@@ -186,6 +190,69 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def fake_data_training(args: argparse.Namespace) -> list[dict]:
+    """Training-step images/s of `train.py`'s own sharded step on device-made random batches
+    (no input pipeline), in `--fake-dtype` compute precision, over every device."""
+    import importlib.util
+    from pathlib import Path
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from shufflenet_jax import input_pipeline, training
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "imagenet.py"
+    spec = importlib.util.spec_from_file_location("imagenet_config", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+
+    rows = []
+    for width in args.widths:
+        for batch in args.batches:
+            config = recipe.get_config(str(width))
+            config.batch_size, config.compute_dtype = batch, args.fake_dtype
+            mesh = training.make_mesh()
+            training.check_batch(batch, mesh)
+            data = NamedSharding(mesh, PartitionSpec("data"))
+            replicated = NamedSharding(mesh, PartitionSpec())
+            graphdef, tx, state = training.create_optimizer_and_state(
+                config, training.create_model(config)
+            )
+            state = jax.device_put(state, replicated)
+            step = jax.jit(
+                training.make_train_step(config, graphdef, tx),
+                in_shardings=(replicated, data),
+                out_shardings=(replicated, replicated),
+                donate_argnums=0,
+            )
+            batches = input_pipeline.fake_batches(data, batch, args.size, config.num_classes)
+            holder = {"state": state}
+
+            def one_step(holder=holder, step=step, batches=batches):
+                holder["state"], metrics = step(holder["state"], next(batches))
+                metrics["loss"].block_until_ready()
+
+            warm = _timed_first_call(one_step)
+            iters = max(1, args.images // batch)
+            times = [_median_seconds(one_step, iters) for _ in range(args.repeats)]
+            row = {
+                "width": width,
+                "batch": batch,
+                "size": args.size,
+                "devices": mesh.devices.size,
+                "compute_dtype": args.fake_dtype,
+                "train_img_s": batch / statistics.median(times),
+                "warmup_s": warm,
+            }
+            rows.append(row)
+            print(
+                f"fake-data train step, {width}x, global batch {batch}, {args.fake_dtype}, "
+                f"{row['devices']} {jax.default_backend()} device(s): "
+                f"{row['train_img_s']:.1f} img/s (first step {warm:.1f} s)",
+                flush=True,
+            )
+    return rows
+
+
 def _cpu_count() -> int:
     import os
 
@@ -231,8 +298,25 @@ def main() -> None:
         action="store_false",
         help="JAX inference without folding BatchNorm into the convolutions",
     )
+    p.add_argument(
+        "--fake-data",
+        action="store_true",
+        help="time train.py's sharded step on device-made batches instead of comparing with "
+        "PyTorch (the default when the backend is not the CPU)",
+    )
+    p.add_argument("--fake-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
+    if args.fake_data or jax.default_backend() != "cpu":
+        rows = fake_data_training(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {"backend": jax.default_backend(), "jax": jax.__version__, "results": rows},
+                    f,
+                    indent=1,
+                )
+        return
     args.jax_kwargs = {
         k: v
         for k, v in (

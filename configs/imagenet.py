@@ -50,6 +50,7 @@ def get_config(width: str = "1.0") -> ml_collections.ConfigDict:
     c.num_devices = 0  # 0: every device of every process
     c.log_every = 100
     c.eval_every = 5000
+    c.eval_at_end = True
     c.checkpoint_every = 2000
     c.keep_checkpoints = 3
     return c

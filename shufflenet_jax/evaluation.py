@@ -78,14 +78,8 @@ def evaluate_model(
     data = NamedSharding(mesh, PartitionSpec("data"))
     local_batch = training.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    sums_step = jax.jit(training.make_eval_step(graphdef))
-
-    def predict(params, batch_stats, batch):
-        m = nnx.merge(graphdef, params, batch_stats, copy=True)
-        m.eval()
-        return jnp.argmax(m(batch["image"]), -1), batch["index"], batch["mask"]
-
-    predict_step = jax.jit(predict, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    eval_step = jax.jit(training.make_eval_step(graphdef), out_shardings=replicated)
     batches = input_pipeline.eval_dataset(
         split,
         batch_size=local_batch,
@@ -97,18 +91,9 @@ def evaluate_model(
         read_threads=config.read_threads,
     )
     predictions = np.full(len(split), -1, np.int64)
-    totals: dict[str, float] = {}
     start = time.perf_counter()
-    for batch in batches:
-        local = {k: batch[k] for k in ("image", "label", "mask", "index")}
-        glob = training.to_global(local, data)
-        sums = sums_step(params, batch_stats, glob)
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0) + float(v)
-        top1, index, mask = map(np.asarray, predict_step(params, batch_stats, glob))
-        predictions[index[mask]] = top1[mask]
+    metrics = training.evaluate(eval_step, params, batch_stats, batches, data, predictions)
     seconds = time.perf_counter() - start
-    metrics = training.summarize_eval(totals)
     metrics["images_per_second"] = metrics["examples"] / max(seconds, 1e-9)
     return metrics, predictions
 

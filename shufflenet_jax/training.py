@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +148,9 @@ def make_train_step(config: Any, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
-    """`sums = eval_step(params, batch_stats, batch)`: masked counts of correct top-1 and top-5,
-    summed cross-entropy and the number of real examples."""
+    """`sums, predictions = eval_step(params, batch_stats, batch)`: masked counts of correct
+    top-1 and top-5, summed cross-entropy and the number of real examples; and each row's top-1
+    class with the batch's `index` and `mask`."""
 
     def eval_step(params, batch_stats, batch):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -158,12 +159,13 @@ def make_eval_step(graphdef: nnx.GraphDef):
         labels, mask = batch["label"], batch["mask"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         top5 = jax.lax.top_k(logits, 5)[1]
-        return {
+        sums = {
             "correct_top1": jnp.sum((top5[:, 0] == labels) & mask),
             "correct_top5": jnp.sum(jnp.any(top5 == labels[:, None], -1) & mask),
             "loss_sum": jnp.sum(jnp.where(mask, loss, 0.0)),
             "count": jnp.sum(mask),
         }
+        return sums, {"top1": top5[:, 0], "index": batch["index"], "mask": mask}
 
     return eval_step
 
@@ -178,14 +180,26 @@ def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
     }
 
 
-def evaluate(eval_step, params, batch_stats, batches, sharding) -> dict[str, float]:
-    """Top-1, top-5, mean loss and the example count over `batches` (per-process eval batches)."""
+def evaluate(
+    eval_step: Callable,
+    params: nnx.State,
+    batch_stats: nnx.State,
+    batches: Iterable[Batch],
+    sharding: NamedSharding,
+    predictions: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Top-1, top-5, mean loss and the example count over `batches` (per-process eval batches).
+    With `predictions` (one slot per record), each example's top-1 class is stored at its index;
+    `eval_step` must then return replicated outputs."""
     totals: dict[str, float] = {}
     for batch in batches:
-        local = {k: batch[k] for k in ("image", "label", "mask")}
-        sums = eval_step(params, batch_stats, to_global(local, sharding))
+        local = {k: batch[k] for k in ("image", "label", "mask", "index")}
+        sums, rows = eval_step(params, batch_stats, to_global(local, sharding))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0) + v
+        if predictions is not None:
+            top1, index, mask = (np.asarray(rows[k]) for k in ("top1", "index", "mask"))
+            predictions[index[mask]] = top1[mask]
     return summarize_eval({k: float(v) for k, v in totals.items()})
 
 
@@ -517,7 +531,8 @@ def train_and_evaluate(
                         f"lr {values['lr']:.4g} {ips:.1f} img/s ETA {_format_eta(eta)}",
                     )
                     window_start, window_steps = time.perf_counter(), 0
-                if step % config.eval_every == 0 or step == config.total_steps:
+                at_end = step == config.total_steps and config.eval_at_end
+                if step % config.eval_every == 0 or at_end:
                     eval_metrics = run_eval(step)
                 if step % config.checkpoint_every == 0 or last:
                     save(step)

@@ -90,7 +90,7 @@ def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_
     labels = np.array([split.source[i]["label"] for i in range(len(split))])
 
     # batch sizes that do and do not divide 359, on one device and on eight
-    for eval_batch, devices in ((64, 1), (100, 1), (359, 1), (512, 1), (64, 8), (200, 8)):
+    for eval_batch, devices in ((64, 1), (512, 1), (200, 8)):
         config.eval_batch_size, config.num_devices = eval_batch, devices
         metrics, predictions = evaluation.evaluate_model(model, config, split)
         assert metrics["examples"] == 359
