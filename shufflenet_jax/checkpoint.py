@@ -21,17 +21,19 @@ MODEL_ITEM = "model"
 STATE_ITEM = "state"
 
 
-def save_model(directory: str | os.PathLike, model: ShuffleNetV2, **provenance: Any) -> None:
-    """Write `model` to a new checkpoint `directory` (which must not exist yet)."""
+def model_save_args(model: ShuffleNetV2, **provenance: Any) -> ocp.args.Composite:
+    """The orbax save arguments of this format, for a Checkpointer or a CheckpointManager."""
     config = {"width": model.width, "num_classes": model.num_classes, **provenance}
     state = nnx.to_pure_dict(nnx.state(model))
+    return ocp.args.Composite(
+        **{MODEL_ITEM: ocp.args.JsonSave(config), STATE_ITEM: ocp.args.StandardSave(state)}
+    )
+
+
+def save_model(directory: str | os.PathLike, model: ShuffleNetV2, **provenance: Any) -> None:
+    """Write `model` to a new checkpoint `directory` (which must not exist yet)."""
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(
-            os.path.abspath(directory),
-            args=ocp.args.Composite(
-                **{MODEL_ITEM: ocp.args.JsonSave(config), STATE_ITEM: ocp.args.StandardSave(state)}
-            ),
-        )
+        ckptr.save(os.path.abspath(directory), args=model_save_args(model, **provenance))
 
 
 def read_model_config(directory: str | os.PathLike) -> dict[str, Any]:

@@ -80,16 +80,7 @@ def evaluate_model(
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     replicated = NamedSharding(mesh, PartitionSpec())
     eval_step = jax.jit(training.make_eval_step(graphdef), out_shardings=replicated)
-    batches = input_pipeline.eval_dataset(
-        split,
-        batch_size=local_batch,
-        transform=input_pipeline.EvalTransform(config.image_size, config.eval_resize),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        skip_corrupt=config.skip_corrupt,
-        worker_count=config.worker_count,
-        read_threads=config.read_threads,
-    )
+    batches = training.eval_dataset(config, split, local_batch)
     predictions = np.full(len(split), -1, np.int64)
     start = time.perf_counter()
     metrics = training.evaluate(eval_step, params, batch_stats, batches, data, predictions)
@@ -101,11 +92,12 @@ def evaluate_model(
 def recalibrate_batchnorm(model: ShuffleNetV2, batches: Any, num_batches: int) -> ShuffleNetV2:
     """A copy of `model` whose BatchNorm running statistics are the cumulative average of the
     batch statistics over `num_batches` training batches (the official post-training pass)."""
-    model = nnx.clone(model)
-    for _, module in nnx.iter_graph(model):
+    result_graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    probe = nnx.clone(model)
+    for _, module in nnx.iter_graph(probe):
         if isinstance(module, BatchNorm):
             module.momentum = 0.0  # a train-mode call then stores exactly this batch's statistics
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef = nnx.graphdef(probe)
 
     @jax.jit
     def batch_statistics(params, batch_stats, images):
@@ -124,11 +116,7 @@ def recalibrate_batchnorm(model: ShuffleNetV2, batches: Any, num_batches: int) -
         )
     if average is None:
         raise ValueError("recalibrate_bn needs at least one batch")
-    model = nnx.merge(graphdef, params, average)
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, BatchNorm):
-            module.momentum = 0.9
-    return model
+    return nnx.merge(result_graphdef, params, average)
 
 
 def classify_images(

@@ -83,6 +83,22 @@ def train_transform(config: Any) -> input_pipeline.TrainTransform:
     )
 
 
+def eval_dataset(
+    config: Any, split: input_pipeline.Split, batch_size: int
+) -> grain.IterDataset:
+    """This process's padded evaluation batches of `split` with the config's preprocessing."""
+    return input_pipeline.eval_dataset(
+        split,
+        batch_size=batch_size,
+        transform=input_pipeline.EvalTransform(config.image_size, config.eval_resize),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        skip_corrupt=config.skip_corrupt,
+        worker_count=config.worker_count,
+        read_threads=config.read_threads,
+    )
+
+
 def create_model(config: Any) -> ShuffleNetV2:
     """A fresh model (one compiled initializer), or `config.init_from` with a new head if the
     number of classes differs."""
@@ -350,7 +366,6 @@ class Result:
     """What a call to `train_and_evaluate` ended with."""
 
     state: TrainState
-    graphdef: nnx.GraphDef
     eval_metrics: dict[str, float] | None
     stopped_by_signal: bool
 
@@ -407,19 +422,9 @@ def train_and_evaluate(
         worker_count=config.worker_count,
         read_threads=config.read_threads,
     )
-    eval_transform = input_pipeline.EvalTransform(config.image_size, config.eval_resize)
 
     def eval_batches():
-        return input_pipeline.eval_dataset(
-            eval_split,
-            batch_size=local_eval_batch,
-            transform=eval_transform,
-            process_index=pidx,
-            process_count=pcount,
-            skip_corrupt=config.skip_corrupt,
-            worker_count=config.worker_count,
-            read_threads=config.read_threads,
-        )
+        return eval_dataset(config, eval_split, local_eval_batch)
 
     graphdef, tx, state = create_optimizer_and_state(config, create_model(config))
     data_iter = iter(train_ds)
@@ -474,16 +479,7 @@ def train_and_evaluate(
         model = nnx.merge(graphdef, state.params, state.batch_stats)
         managers["best"].save(
             step,
-            args=ocp.args.Composite(
-                **{
-                    checkpoint.MODEL_ITEM: ocp.args.JsonSave(
-                        {**model_description(config), "source": f"training step {step}"}
-                    ),
-                    checkpoint.STATE_ITEM: ocp.args.StandardSave(
-                        nnx.to_pure_dict(nnx.state(model))
-                    ),
-                }
-            ),
+            args=checkpoint.model_save_args(model, source=f"training step {step}"),
             metrics={"top1": result["top1"]},
         )
         return result
@@ -544,7 +540,7 @@ def train_and_evaluate(
             m.wait_until_finished()
             m.close()
         metrics_log.close()
-    return Result(state, graphdef, eval_metrics, stopped)
+    return Result(state, eval_metrics, stopped)
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
