@@ -34,7 +34,12 @@ from flax import nnx
 
 from shufflenet_jax.folding import fold_batchnorm
 from shufflenet_jax.models import ShuffleNetV2
-from shufflenet_jax.steps import make_eval_step, make_train_step, split_model
+from shufflenet_jax.steps import (
+    make_eval_step,
+    make_train_step,
+    split_model,
+    train_compiler_options,
+)
 
 LR, MOMENTUM = 0.1, 0.9
 
@@ -55,7 +60,15 @@ def _timed_first_call(fn: Callable[[], None]) -> float:
 class JaxCase:
     """Jitted eval and train steps of one ShuffleNetV2 configuration on one batch."""
 
-    def __init__(self, width: float, batch: int, size: int, fold_bn: bool, **model_kwargs):
+    def __init__(
+        self,
+        width: float,
+        batch: int,
+        size: int,
+        fold_bn: bool,
+        train_options: dict | None = None,
+        **model_kwargs,
+    ):
         model = ShuffleNetV2(width, rngs=nnx.Rngs(0), **model_kwargs)
         model.eval()
         infer_graphdef, *self.infer_state = split_model(fold_batchnorm(model) if fold_bn else model)
@@ -63,7 +76,7 @@ class JaxCase:
         self.graphdef, self.params, self.stats = split_model(model)
         self.tx = optax.sgd(LR, momentum=MOMENTUM)
         self.opt_state = self.tx.init(self.params)
-        self.train_step = make_train_step(self.graphdef, self.tx)
+        self.train_step = make_train_step(self.graphdef, self.tx, train_options)
         rng = np.random.default_rng(0)
         self.x = jnp.asarray(rng.random((batch, size, size, 3), np.float32))
         self.y = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
@@ -137,7 +150,9 @@ def run(args: argparse.Namespace) -> dict:
     for width in args.widths:
         for batch in args.batches:
             cases: dict[str, object] = {
-                "jax": JaxCase(width, batch, args.size, args.fold_bn, **args.jax_kwargs),
+                "jax": JaxCase(
+                    width, batch, args.size, args.fold_bn, args.train_options, **args.jax_kwargs
+                ),
                 "torch_eager": TorchCase(width, batch, args.size, False, False),
                 "torch_channels_last": TorchCase(width, batch, args.size, True, False),
             }
@@ -185,6 +200,9 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": "float32",
         "jax_model_kwargs": args.jax_kwargs,
         "jax_infer_fold_bn": args.fold_bn,
+        "jax_train_compiler_options": (
+            train_compiler_options() if args.train_options is None else args.train_options
+        ),
         "repeats": args.repeats,
         "results": results,
     }
@@ -297,6 +315,15 @@ def main() -> None:
         dest="fold_bn",
         action="store_false",
         help="JAX inference without folding BatchNorm into the convolutions",
+    )
+    p.add_argument(
+        "--xla-default-train-options",
+        dest="train_options",
+        action="store_const",
+        const={},
+        default=None,
+        help="compile the JAX train step with XLA's default options instead of "
+        "steps.train_compiler_options() (on the CPU: the older loop emitters)",
     )
     p.add_argument(
         "--fake-data",

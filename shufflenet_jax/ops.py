@@ -153,18 +153,16 @@ POINTWISE_IMPLS: dict[str, Callable[[Array, Array], Array]] = {
 def max_pool_3x3_s2(x: Array) -> Array:
     """PyTorch's MaxPool2d(3, stride=2, padding=1); padding never wins the max.
 
-    The gradient goes to the first maximum of each window in row-major order, as PyTorch's does.
-    It is computed element-wise over the nine strided views: XLA CPU's own `reduce_window`
-    gradient (select-and-scatter) takes about twice as long (benchmarks/ops.py).
+    The maximum of the nine strided views, one element-wise loop (XLA CPU's `reduce_window` is a
+    separate, slower loop). The gradient goes to the first maximum of each window in row-major
+    order, as PyTorch's does; it too is element-wise over the views, where XLA's own
+    `reduce_window` gradient (select-and-scatter) takes about twice as long (benchmarks/ops.py).
     """
-    return lax.reduce_window(
-        x,
-        -jnp.inf,
-        lax.max,
-        window_dimensions=(1, 3, 3, 1),
-        window_strides=(1, 2, 2, 1),
-        padding=((0, 0), (1, 1), (1, 1), (0, 0)),
-    )
+    views = _windows(x, 3, 3, 2, pad_value=-jnp.inf)
+    out = views[0]
+    for v in views[1:]:
+        out = jnp.maximum(out, v)
+    return out
 
 
 def _max_pool_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shufflenet_jax import checkpoint, input_pipeline, optim
 from shufflenet_jax.models import ShuffleNetV2, abstract_model, check_width
+from shufflenet_jax.steps import train_compiler_options
 
 log = logging.getLogger(__name__)
 Batch = dict[str, Any]
@@ -83,9 +84,7 @@ def train_transform(config: Any) -> input_pipeline.TrainTransform:
     )
 
 
-def eval_dataset(
-    config: Any, split: input_pipeline.Split, batch_size: int
-) -> grain.IterDataset:
+def eval_dataset(config: Any, split: input_pipeline.Split, batch_size: int) -> grain.IterDataset:
     """This process's padded evaluation batches of `split` with the config's preprocessing."""
     return input_pipeline.eval_dataset(
         split,
@@ -444,6 +443,7 @@ def train_and_evaluate(
         in_shardings=(replicated, data_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=train_compiler_options(),
     )
     eval_step = jax.jit(make_eval_step(graphdef), out_shardings=replicated)
     lr_at = optim.schedule(config)

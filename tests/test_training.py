@@ -227,7 +227,10 @@ def test_one_and_eight_devices_give_the_same_step(digits_data_dir, tmp_path):
         small_config(digits_data_dir, num_devices=8), tmp_path / "eight", stop_after=1
     )
     assert len(eight.state.params["conv1"]["layers"][0]["kernel"].sharding.device_set) == 8
-    assert losses(tmp_path / "eight")[1] == pytest.approx(losses(tmp_path / "one")[1], rel=1e-6)
+    # Each float32 first-step loss is within 1e-6 (relative) of the float64 loss: measured 9e-7
+    # at most for 1 and 8 devices, as XLA's CPU emitters order the batch reductions differently.
+    # Two such runs may differ by twice that; the float64 test below checks agreement exactly.
+    assert losses(tmp_path / "eight")[1] == pytest.approx(losses(tmp_path / "one")[1], rel=2e-6)
     assert_same_update(start.params, eight.state.params, one.state.params)
     assert_same_update(start.batch_stats, eight.state.batch_stats, one.state.batch_stats)
 
