@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +136,8 @@ def main() -> None:
         k = jnp.asarray(rng.standard_normal((3, 3, 1, shape[-1]), np.float32))
         g = jnp.asarray(
             rng.standard_normal(
-                jax.eval_shape(ops.depthwise_shifted, x, k, stride).shape, np.float32
+                jax.eval_shape(partial(ops.depthwise_shifted, stride=stride), x, k).shape,
+                np.float32,
             )
         )
         for impl, fn in DW_KERNEL_GRADS.items():
