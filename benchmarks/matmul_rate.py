@@ -8,12 +8,15 @@ matmul part of the network (docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ops import _ms  # noqa: E402  (benchmarks/ops.py: warm-up, then median milliseconds)
 
 SHAPES = [
     (2048, 2048, 2048),
@@ -22,16 +25,6 @@ SHAPES = [
     (6272, 232, 232),
     (1568, 464, 464),
 ]
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -47,8 +40,8 @@ def main() -> None:
         b = rng.standard_normal((k, n), np.float32)
         ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
         flop = 2 * m * k * n
-        t_jax = _median_s(lambda ja=ja, jb=jb: matmul(ja, jb).block_until_ready(), args.repeats)
-        t_torch = _median_s(lambda ta=ta, tb=tb: ta @ tb, args.repeats)
+        t_jax = _ms(matmul, ja, jb, repeats=args.repeats) / 1e3
+        t_torch = _ms(torch.matmul, ta, tb, repeats=args.repeats) / 1e3
         print(
             f"{m}x{k} @ {k}x{n}: JAX {flop / t_jax / 1e9:6.0f} GFLOP/s   "
             f"PyTorch {flop / t_torch / 1e9:6.0f} GFLOP/s",
