@@ -10,8 +10,8 @@ from shufflenet_jax import ops
 
 Array = jax.Array
 
-DEFAULT_DENSE_IMPL = "im2col"
-DEFAULT_DEPTHWISE_IMPL = "shifted"
+DEFAULT_DENSE_IMPL = "native"
+DEFAULT_DEPTHWISE_IMPL = "native"
 DEFAULT_POINTWISE_IMPL = "dot"
 
 

@@ -241,9 +241,14 @@ class StopRequest:
         log.warning("received signal %d: finishing the current step, then saving", signum)
         self.signal = signum
 
-    def requested(self) -> bool:
+    def requested(self, in_flight: Any = None) -> bool:
+        """Whether any process got a signal. With several processes this is a collective: it
+        first waits for `in_flight` (the step just dispatched), because XLA:CPU runs programs
+        asynchronously and two processes could otherwise pair the step's gloo collectives with
+        this one's in different orders and deadlock (seen in the two-process test)."""
         flag = np.array(self.signal is not None)
         if jax.process_count() > 1:  # every process must stop at the same step
+            jax.block_until_ready(in_flight)
             flag = np.any(multihost_utils.process_allgather(flag))
         return bool(flag)
 
@@ -497,7 +502,7 @@ def train_and_evaluate(
                 step += 1
                 window_steps += 1
                 pending.append((step, metrics["loss"]))
-                stopped = stop.requested()
+                stopped = stop.requested(in_flight=metrics)
                 last = step == end or stopped
                 if step % config.log_every == 0 or last or step % config.checkpoint_every == 0:
                     bad = _first_non_finite(pending)

@@ -119,8 +119,14 @@ def test_jit_and_eager_agree(model, mode):
     eager = eager_model(x)
     jitted = nnx.jit(lambda m, x: m(x))(jit_model, x)
     np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-5)
+
+    # Fused and op-by-op float32 arithmetic round differently, and BatchNorm over a batch of two
+    # 1x1 late-stage maps amplifies that: each statistic to 1e-4 of its tensor's scale (>= 1e-6).
+    def close(a, b):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=max(1e-6, 1e-4 * np.abs(b).max()))
+
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        close,
         batch_stats(eager_model),
         batch_stats(jit_model),
     )

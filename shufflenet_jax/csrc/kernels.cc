@@ -1,0 +1,263 @@
+// Hand-written CPU kernels for XLA's FFI (float32, NHWC, padding k/2 as in PyTorch), for the
+// convolutions XLA:CPU compiles slowly (docs/performance.md):
+//
+// - depthwise 3x3 kernel gradient: XLA materializes nine shifted windows and reduces each;
+//     dk[i, j, c] = sum_{n, h, w} x[n, s*h + i - 1, s*w + j - 1, c] * g[n, h, w, c]
+// - kernel gradient of a dense convolution with few input channels and at most 64 outputs (the
+//   3-channel stem), where XLA writes im2col's stacked windows and multiplies them:
+//     dk[i, j, c, o] = sum_{n, h, w} x[n, s*h + i - p, s*w + j - p, c] * g[n, h, w, o]
+//
+// Gradients are summed per output row in float32, rows into double accumulators (one set per
+// chunk of the batch), and the chunks in a fixed order: the result does not depend on threads.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Runs body(chunk) for chunk in [0, chunks) on the calling thread and helpers from XLA's
+// intra-op pool. The caller claims chunks too, so it never waits for a helper that has not
+// started; state is shared_ptr-owned because such a helper may start after this returns.
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> body) {
+  struct State {
+    std::function<void(int64_t)> body;
+    int64_t chunks;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    void Drain() {
+      for (int64_t k; (k = next.fetch_add(1)) < chunks;) {
+        body(k);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto state = std::make_shared<State>();
+  state->body = std::move(body);
+  state->chunks = chunks;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state] { state->Drain(); });
+  state->Drain();
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+int64_t ChunkCount(ffi::ThreadPool& pool, int64_t items) {
+  return std::max<int64_t>(1, std::min<int64_t>(items, 4 * std::max<int64_t>(1, pool.num_threads())));
+}
+
+// Adds the chunks' partial sums (chunks x size doubles) in order into out.
+void ReduceChunks(const std::vector<double>& partial, int64_t chunks, int64_t size, float* out) {
+  for (int64_t k = 0; k < size; ++k) {
+    double total = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) total += partial[c * size + k];
+    out[k] = static_cast<float>(total);
+  }
+}
+
+struct Geometry {
+  int64_t n, h, w, cin;   // input
+  int64_t ho, wo, cout;   // output
+  int64_t kh, kw, stride, pad;
+};
+
+std::optional<ffi::Error> CheckGeometry(const Geometry& s) {
+  if (s.stride < 1) return ffi::Error::InvalidArgument("stride must be positive");
+  if (s.ho != (s.h + 2 * s.pad - s.kh) / s.stride + 1 ||
+      s.wo != (s.w + 2 * s.pad - s.kw) / s.stride + 1) {
+    return ffi::Error::InvalidArgument("output H, W do not match the input's");
+  }
+  return std::nullopt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise 3x3 kernel gradient.
+
+void DepthwiseGradImages(const float* __restrict x, const float* __restrict g, const Geometry& s,
+                         int64_t n0, int64_t n1, double* __restrict acc) {
+  const int64_t c = s.cin;
+  std::vector<float> row_sum(9 * c);
+  float* __restrict rs = row_sum.data();
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t h = 0; h < s.ho; ++h) {
+      std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+      const float* __restrict grow = g + ((n * s.ho + h) * s.wo) * c;
+      for (int64_t i = 0; i < 3; ++i) {
+        const int64_t hi = s.stride * h + i - 1;
+        if (hi < 0 || hi >= s.h) continue;
+        const float* __restrict xrow = x + ((n * s.h + hi) * s.w) * c;
+        for (int64_t w = 0; w < s.wo; ++w) {
+          const float* __restrict gv = grow + w * c;
+          for (int64_t j = 0; j < 3; ++j) {
+            const int64_t wi = s.stride * w + j - 1;
+            if (wi < 0 || wi >= s.w) continue;
+            const float* __restrict xv = xrow + wi * c;
+            float* __restrict r = rs + (i * 3 + j) * c;
+            for (int64_t ch = 0; ch < c; ++ch) r[ch] += xv[ch] * gv[ch];
+          }
+        }
+      }
+      for (int64_t k = 0; k < 9 * c; ++k) acc[k] += rs[k];
+    }
+  }
+}
+
+ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
+                               int64_t stride) {
+  const auto xd = x.dimensions();
+  const auto gd = g.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[3] != gd[3]) {
+    return ffi::Error::InvalidArgument("depthwise kernel grad: x and g must be NHWC, same N, C");
+  }
+  const Geometry s{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], 3, 3, stride, 1};
+  if (auto error = CheckGeometry(s)) return *error;
+  if (dk->element_count() != 9 * s.cin) {
+    return ffi::Error::InvalidArgument("depthwise kernel grad: dk must hold 9 * C values");
+  }
+  const int64_t chunks = ChunkCount(pool, s.n);
+  const int64_t per_chunk = (s.n + chunks - 1) / chunks;
+  const int64_t size = 9 * s.cin;
+  std::vector<double> partial(chunks * size, 0.0);
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  ParallelFor(pool, chunks, [&, xp, gp](int64_t k) {
+    const int64_t n0 = std::min(s.n, k * per_chunk), n1 = std::min(s.n, n0 + per_chunk);
+    DepthwiseGradImages(xp, gp, s, n0, n1, partial.data() + k * size);
+  });
+  ReduceChunks(partial, chunks, size, dk->typed_data());
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel gradient of a dense convolution with few input channels.
+
+std::optional<ffi::Error> DenseGeometry(const ffi::Buffer<ffi::F32>& x,
+                                        const ffi::Span<const int64_t> kd,
+                                        const ffi::Span<const int64_t> yd, int64_t stride,
+                                        Geometry* s) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || xd[0] != yd[0] || xd[3] != kd[2] ||
+      kd[3] != yd[3]) {
+    return ffi::Error::InvalidArgument("dense conv: x NHWC, kernel HWIO, output NHWC must agree");
+  }
+  *s = Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], stride, kd[0] / 2};
+  if (kd[0] / 2 != kd[1] / 2) return ffi::Error::InvalidArgument("dense conv: kernel not square");
+  return CheckGeometry(*s);
+}
+
+// The taps (i, j) of output row h and column w that fall inside the input, as offsets into x.
+// KH, KW and CIN are compile-time when positive (the stem: 3, 3, 3), so loops over them unroll.
+template <int KH, int KW, int CIN, typename F>
+void ForEachTap(const Geometry& s, int64_t n, int64_t h, int64_t w, F&& f) {
+  const int64_t kh = KH > 0 ? KH : s.kh, kw = KW > 0 ? KW : s.kw, cin = CIN > 0 ? CIN : s.cin;
+  for (int64_t i = 0; i < kh; ++i) {
+    const int64_t hi = s.stride * h + i - s.pad;
+    if (hi < 0 || hi >= s.h) continue;
+    for (int64_t j = 0; j < kw; ++j) {
+      const int64_t wi = s.stride * w + j - s.pad;
+      if (wi < 0 || wi >= s.w) continue;
+      const int64_t offset = ((n * s.h + hi) * s.w + wi) * cin;
+      for (int64_t c = 0; c < cin; ++c) f((i * kw + j) * cin + c, offset + c);
+    }
+  }
+}
+
+// Output channels go in NB blocks of 16-lane vectors (GCC vector extensions), the gradient
+// padded to NB * 16, so each block is whole vector operations; run-time-length channel loops
+// left most of the 24-channel stem in scalar remainder code, slower than XLA.
+typedef float v16 __attribute__((vector_size(64)));
+
+template <int NB, int KH, int KW, int CIN>
+void DenseGradImages(const float* __restrict x, const float* __restrict g, const Geometry& s,
+                     int64_t n0, int64_t n1, double* __restrict acc) {
+  const int64_t taps = s.kh * s.kw * s.cin;
+  std::vector<v16> row_sum(taps * NB);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t h = 0; h < s.ho; ++h) {
+      std::fill(row_sum.begin(), row_sum.end(), v16{});
+      for (int64_t w = 0; w < s.wo; ++w) {
+        v16 gv[NB] = {};
+        const float* grad = g + ((n * s.ho + h) * s.wo + w) * s.cout;
+        float* lanes = reinterpret_cast<float*>(gv);
+        for (int64_t o = 0; o < s.cout; ++o) lanes[o] = grad[o];
+        ForEachTap<KH, KW, CIN>(s, n, h, w, [&](int64_t row, int64_t at) {
+          const float v = x[at];
+          v16* r = row_sum.data() + row * NB;
+          for (int b = 0; b < NB; ++b) r[b] += v * gv[b];
+        });
+      }
+      for (int64_t t = 0; t < taps; ++t) {
+        const float* r = reinterpret_cast<const float*>(row_sum.data() + t * NB);
+        for (int64_t o = 0; o < s.cout; ++o) acc[t * s.cout + o] += r[o];
+      }
+    }
+  }
+}
+
+// Calls f(NB, stem) with NB = 16-lane blocks for cout (1 to 4) and stem = whether the kernel
+// is 3x3 over 3 input channels (compile-time loops), both as integral constants.
+template <typename F>
+std::optional<ffi::Error> Dispatch(const Geometry& s, F&& f) {
+  auto with_blocks = [&](auto stem) -> std::optional<ffi::Error> {
+    switch ((s.cout + 15) / 16) {
+      case 1: f(std::integral_constant<int, 1>{}, stem); return std::nullopt;
+      case 2: f(std::integral_constant<int, 2>{}, stem); return std::nullopt;
+      case 3: f(std::integral_constant<int, 3>{}, stem); return std::nullopt;
+      case 4: f(std::integral_constant<int, 4>{}, stem); return std::nullopt;
+    }
+    return ffi::Error::InvalidArgument("dense conv: 1 to 64 output channels supported");
+  };
+  if (s.kh == 3 && s.kw == 3 && s.cin == 3) return with_blocks(std::true_type{});
+  return with_blocks(std::false_type{});
+}
+
+ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                           ffi::ResultBuffer<ffi::F32> dk, int64_t stride) {
+  Geometry s;
+  if (auto error = DenseGeometry(x, dk->dimensions(), g.dimensions(), stride, &s)) return *error;
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  const int64_t size = s.kh * s.kw * s.cin * s.cout;
+  const int64_t chunks = ChunkCount(pool, s.n);
+  const int64_t per_chunk = (s.n + chunks - 1) / chunks;
+  std::vector<double> partial(chunks * size, 0.0);
+  auto error = Dispatch(s, [&](auto nb, auto stem) {
+    constexpr int k = decltype(stem)::value ? 3 : 0;
+    ParallelFor(pool, chunks, [&](int64_t chunk) {
+      const int64_t n0 = std::min(s.n, chunk * per_chunk), n1 = std::min(s.n, n0 + per_chunk);
+      double* acc = partial.data() + chunk * size;
+      DenseGradImages<decltype(nb)::value, k, k, k>(xp, gp, s, n0, n1, acc);
+    });
+  });
+  if (error) return *error;
+  ReduceChunks(partial, chunks, size, dk->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetDepthwiseKernelGrad, DepthwiseKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetDenseKernelGrad, DenseKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride"));

@@ -1,0 +1,149 @@
+"""Hand-written CPU kernels (C++ in `csrc/`), built on first use and called through XLA's FFI.
+
+XLA:CPU computes the depthwise kernel gradient as nine reductions over materialized shifted
+windows, and the 3-channel stem's kernel gradient through stacked windows; the C++ kernels
+read their inputs once (docs/performance.md). The library is compiled with `$CXX` (default
+`g++`) for this machine into `$SHUFFLENET_JAX_CACHE` (default `~/.cache/shufflenet_jax`),
+keyed by the source, the jaxlib version and the flags, so later processes load it as built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+Array = jax.Array
+
+_SOURCE = Path(__file__).parent / "csrc" / "kernels.cc"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_TARGETS = {  # FFI target name: C++ handler symbol
+    "shufflenet_depthwise_kernel_grad": "ShufflenetDepthwiseKernelGrad",
+    "shufflenet_dense_kernel_grad": "ShufflenetDenseKernelGrad",
+}
+
+
+class NativeBuildError(RuntimeError):
+    """The C++ kernels could not be compiled or loaded on this machine."""
+
+
+def _cache_dir() -> Path:
+    default = Path.home() / ".cache" / "shufflenet_jax"
+    return Path(os.environ.get("SHUFFLENET_JAX_CACHE", default))
+
+
+def build_library() -> Path:
+    """Compiles csrc/kernels.cc unless a build of this exact source is cached; its path."""
+    compiler = os.environ.get("CXX", "g++")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(
+        source + jaxlib.__version__.encode() + compiler.encode() + " ".join(_FLAGS).encode()
+    ).hexdigest()[:16]
+    cache = _cache_dir()
+    lib = cache / f"kernels-{key}.so"
+    if lib.exists():
+        return lib
+    if shutil.which(compiler) is None:
+        raise NativeBuildError(
+            f"C++ compiler {compiler!r} not found (set CXX); needed to build {_SOURCE.name}"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    cmd = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        os.unlink(tmp)
+        raise NativeBuildError(f"compiling {_SOURCE.name} failed:\n{' '.join(cmd)}\n{done.stderr}")
+    os.replace(tmp, lib)
+    return lib
+
+
+@functools.cache
+def _register() -> None:
+    library = ctypes.cdll.LoadLibrary(str(build_library()))
+    for target, symbol in _TARGETS.items():
+        handler = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(target, handler, platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the C++ kernels build and load here; if not, warns once with the reason."""
+    try:
+        _register()
+    except (NativeBuildError, OSError) as e:
+        warnings.warn(f"C++ kernels unavailable, using XLA's gradients instead: {e}", stacklevel=2)
+        return False
+    return True
+
+
+def _call(target: str, shape: tuple[int, ...], *args: Array, stride: int) -> Array:
+    _register()
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, stride=np.int64(stride))
+
+
+def _check_float32(name: str, *arrays: Array) -> None:
+    if any(a.dtype != jnp.float32 for a in arrays):
+        raise ValueError(f"{name}: needs float32, got {', '.join(str(a.dtype) for a in arrays)}")
+
+
+def _conv_output_shape(x_shape, kernel_shape, stride: int) -> tuple[int, int, int, int]:
+    n, h, w, _ = x_shape
+    kh, kw = kernel_shape[:2]
+    ph, pw = kh // 2, kw // 2
+    return n, (h + 2 * ph - kh) // stride + 1, (w + 2 * pw - kw) // stride + 1, kernel_shape[3]
+
+
+def depthwise_kernel_grad(x: Array, g: Array, stride: int) -> Array:
+    """Gradient of a 3x3 depthwise conv (padding 1) w.r.t. its HWIO kernel, on the CPU.
+
+    x: the conv's float32 NHWC input; g: the gradient of its output. Returns (3, 3, 1, C).
+    """
+    if stride not in (1, 2):
+        raise ValueError(f"depthwise_kernel_grad: stride must be 1 or 2, got {stride}")
+    c = x.shape[-1]
+    want = _conv_output_shape(x.shape, (3, 3, 1, c), stride)
+    if g.shape != want:
+        raise ValueError(
+            f"depthwise_kernel_grad: output gradient has shape {g.shape}, expected {want} "
+            f"for input {x.shape} at stride {stride}"
+        )
+    _check_float32("depthwise_kernel_grad", x, g)
+    dk = _call("shufflenet_depthwise_kernel_grad", (9, c), x, g, stride=stride)
+    return dk.reshape(3, 3, 1, c)
+
+
+def _check_dense(name: str, x: Array, kernel_shape, stride: int) -> None:
+    kh, kw, cin, cout = kernel_shape
+    if kh != kw or kh % 2 == 0 or stride < 1 or not 1 <= cout <= 64:
+        raise ValueError(
+            f"{name}: needs an odd square kernel with 1 to 64 outputs and stride >= 1, "
+            f"got kernel {tuple(kernel_shape)} and stride {stride}"
+        )
+    if x.ndim != 4 or x.shape[-1] != cin:
+        raise ValueError(f"{name}: input {x.shape} is not NHWC with the kernel's {cin} channels")
+
+
+def dense_kernel_grad(x: Array, g: Array, kernel_shape: tuple[int, ...], stride: int) -> Array:
+    """Gradient of a dense conv (odd square HWIO kernel, padding k//2, at most 64 output
+    channels) w.r.t. its kernel: (kh, kw, C_in, C_out), on the CPU. For few input channels."""
+    _check_dense("dense_kernel_grad", x, kernel_shape, stride)
+    want = _conv_output_shape(x.shape, kernel_shape, stride)
+    if g.shape != want:
+        raise ValueError(f"dense_kernel_grad: output gradient has shape {g.shape}, expected {want}")
+    _check_float32("dense_kernel_grad", x, g)
+    return _call("shufflenet_dense_kernel_grad", tuple(kernel_shape), x, g, stride=stride)

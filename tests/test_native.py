@@ -1,0 +1,141 @@
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shufflenet_jax import native, ops
+
+
+def _kernel_grad_float64(x, g, stride):
+    """dk[i, j, c] = sum over n, h, w of padded x at (s*h + i, s*w + j) times g, in float64."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    g = np.asarray(g, np.float64)
+    ho, wo = g.shape[1:3]
+    taps = [
+        np.einsum(
+            "nhwc,nhwc->c",
+            x[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride],
+            g,
+        )
+        for i in range(3)
+        for j in range(3)
+    ]
+    return np.stack(taps).reshape(3, 3, 1, -1)
+
+
+def _inputs(n, h, w, c, stride, seed=0):
+    kx, kg = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (n, h, w, c))
+    g = jax.random.normal(kg, (n, (h - 1) // stride + 1, (w - 1) // stride + 1, c))
+    return x, g
+
+
+def test_native_kernels_build_on_this_machine():
+    # CI must run the C++ path: a missing compiler fails here rather than falling back.
+    assert native.available()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("nhwc", [(1, 1, 1, 1), (3, 5, 8, 7), (2, 8, 7, 19), (9, 14, 14, 116)])
+def test_native_depthwise_kernel_grad_matches_float64_sum(stride, nhwc):
+    x, g = _inputs(*nhwc, stride)
+    got = jax.jit(native.depthwise_kernel_grad, static_argnums=2)(x, g, stride)
+    want = _kernel_grad_float64(x, g, stride)
+    assert got.shape == want.shape
+    terms = nhwc[0] * g.shape[1] * g.shape[2]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.sqrt(terms))
+
+
+def test_native_depthwise_kernel_grad_is_deterministic():
+    x, g = _inputs(32, 28, 28, 58, 1)
+    f = jax.jit(native.depthwise_kernel_grad, static_argnums=2)
+    np.testing.assert_array_equal(f(x, g, 1), f(x, g, 1))
+
+
+def test_depthwise_native_gradient_uses_the_cpu_kernel():
+    x, _ = _inputs(2, 8, 8, 6, 1)
+    kernel = jnp.ones((3, 3, 1, 6))
+    grad = jax.jit(jax.grad(lambda k: ops.depthwise_native(x, k, 1).sum()))
+    assert "shufflenet_depthwise_kernel_grad" in grad.lower(kernel).as_text()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_native_dense_kernel_grad_matches_float64_gradient(stride):
+    kx, kg = jax.random.split(jax.random.key(6))
+    x = jax.random.normal(kx, (5, 15, 14, 3))
+    shape = (3, 3, 3, 24)
+    g = jax.random.normal(kg, native._conv_output_shape(x.shape, shape, stride))
+    got = jax.jit(native.dense_kernel_grad, static_argnums=(2, 3))(x, g, shape, stride)
+    with jax.enable_x64(True):
+        x64, g64 = (jnp.asarray(np.asarray(a, np.float64)) for a in (x, g))
+        _, pullback = jax.vjp(lambda k: ops.conv_lax(x64, k, stride), jnp.zeros(shape))
+        want = np.asarray(pullback(g64)[0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_native_gradient_uses_the_cpu_kernel_instead_of_im2col():
+    x = jnp.ones((2, 16, 16, 3))
+    kernel = jnp.ones((3, 3, 3, 24))
+    step = jax.jit(jax.value_and_grad(lambda k: jnp.sum(ops.conv_native(x, k, 2) ** 2)))
+    hlo = step.lower(kernel).compile().as_text()
+    assert "shufflenet_dense_kernel_grad" in hlo
+    assert "concatenate" not in hlo  # im2col's stacked windows are gone
+
+
+@pytest.mark.parametrize(
+    "kernel_shape, stride, message",
+    [((3, 3, 4, 24), 2, "not NHWC with the kernel's 4 channels"), ((3, 3, 3, 65), 2, "1 to 64")],
+)
+def test_native_dense_kernel_grad_rejects_unsupported_shapes(kernel_shape, stride, message):
+    x = jnp.zeros((1, 8, 8, 3))
+    g = jnp.zeros((1, 4, 4, kernel_shape[3]))
+    with pytest.raises(ValueError, match=message):
+        native.dense_kernel_grad(x, g, kernel_shape, stride)
+
+
+def test_depthwise_native_in_float64_falls_back_to_xla_gradient():
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(3), (2, 6, 5, 4), jnp.float64)
+        kernel = jax.random.normal(jax.random.key(4), (3, 3, 1, 4), jnp.float64)
+        for stride in (1, 2):
+            got = jax.grad(lambda k, s=stride: ops.depthwise_native(x, k, s).sum())(kernel)
+            want = jax.grad(lambda k, s=stride: ops.depthwise_lax(x, k, s).sum())(kernel)
+            assert got.dtype == jnp.float64
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "x_shape, g_shape, stride, message",
+    [
+        ((2, 8, 8, 6), (2, 8, 8, 5), 1, "expected (2, 8, 8, 6)"),
+        ((2, 8, 8, 6), (2, 8, 8, 6), 2, "expected (2, 4, 4, 6)"),
+        ((2, 8, 8, 6), (2, 3, 3, 6), 3, "stride must be 1 or 2"),
+    ],
+)
+def test_native_depthwise_kernel_grad_rejects_mismatched_inputs(x_shape, g_shape, stride, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        native.depthwise_kernel_grad(jnp.zeros(x_shape), jnp.zeros(g_shape), stride)
+
+
+def test_native_depthwise_kernel_grad_rejects_other_dtypes():
+    x = jnp.zeros((1, 4, 4, 2), jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs float32"):
+        native.depthwise_kernel_grad(x, x, 1)
+
+
+def test_build_without_a_compiler_names_the_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path))
+    with pytest.raises(native.NativeBuildError, match="no-such-compiler"):
+        native.build_library()
+
+
+def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path))
+    first = native.build_library()
+    stamp = os.stat(first).st_mtime_ns
+    assert native.build_library() == first
+    assert os.stat(first).st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
