@@ -106,19 +106,17 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         if self.use_running_average:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 if x is
-            mean = xf.mean(axis=(0, 1, 2))
-            var = jnp.square(xf - mean).mean(axis=(0, 1, 2))
-            n = x.shape[0] * x.shape[1] * x.shape[2]
-            stored_var = var * (n / max(n - 1, 1)) if self.unbiased_running_var else var
-            m = self.momentum
-            self.mean[...] = m * self.mean[...] + (1 - m) * mean
-            self.var[...] = m * self.var[...] + (1 - m) * stored_var
-        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-        dt = x.dtype
-        return (x - mean.astype(dt)) * inv.astype(dt) + self.bias[...].astype(dt)
+            inv = jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
+            dt = x.dtype
+            return (x - self.mean[...].astype(dt)) * inv.astype(dt) + self.bias[...].astype(dt)
+        y, mean, var = ops.batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+        n = x.shape[0] * x.shape[1] * x.shape[2]
+        stored_var = var * (n / max(n - 1, 1)) if self.unbiased_running_var else var
+        m = self.momentum
+        self.mean[...] = m * self.mean[...] + (1 - m) * mean
+        self.var[...] = m * self.var[...] + (1 - m) * stored_var
+        return y
 
 
 class MaxPool(nnx.Module):

@@ -111,3 +111,36 @@ def test_max_pool_matches_torch():
     np.testing.assert_array_equal(
         ops.max_pool_3x3_s2(jnp.asarray(x)), ref.permute(0, 2, 3, 1).numpy()
     )
+
+
+def _batch_norm_formula(x, scale, bias, eps):
+    """Training-mode BatchNorm written out, differentiated by autodiff: the reference."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = xf.mean(axis=(0, 1, 2))
+    var = jnp.square(xf - mean).mean(axis=(0, 1, 2))
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+    return y.astype(x.dtype), mean, var
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 2e-5), (jnp.float64, 1e-12)])
+def test_batch_norm_train_gradients_match_autodiff_of_the_formula(dtype, rtol):
+    with jax.enable_x64(dtype == jnp.float64):
+        keys = jax.random.split(jax.random.key(4), 6)
+        x = (jax.random.normal(keys[0], (3, 5, 4, 7)) * 3 + 2).astype(dtype)
+        scale = jax.random.normal(keys[1], (7,), dtype)
+        bias = jax.random.normal(keys[2], (7,), dtype)
+        # cotangents on all three outputs: y, and the mean and variance
+        shapes = [x.shape, (7,), (7,)]
+        weights = [jax.random.normal(k, s, dtype) for k, s in zip(keys[3:], shapes, strict=True)]
+
+        def loss(fn, *args):
+            return sum(jnp.sum(o * w) for o, w in zip(fn(*args, 1e-5), weights, strict=True))
+
+        got = jax.grad(lambda *a: loss(ops.batch_norm_train, *a), argnums=(0, 1, 2))(x, scale, bias)
+        want = jax.grad(lambda *a: loss(_batch_norm_formula, *a), argnums=(0, 1, 2))(x, scale, bias)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype == dtype
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.abs(w).max())
+        outputs = ops.batch_norm_train(x, scale, bias, 1e-5)
+        for o, r in zip(outputs, _batch_norm_formula(x, scale, bias, 1e-5), strict=True):
+            np.testing.assert_allclose(o, r, rtol=rtol, atol=rtol)
