@@ -129,6 +129,35 @@ def _conv_taps_bwd(stride: int, res: tuple[Array, Array], g: Array) -> tuple[Arr
 _conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
+def _native_usable(*arrays: Array) -> bool:
+    """Whether the C++ kernels apply: float32 arrays and a library that builds here."""
+    return all(a.dtype == jnp.float32 for a in arrays) and native.available()
+
+
+def _on_cpu(kernel: Callable[..., Array], otherwise: Array, *args: Array) -> Array:
+    """kernel(*args) when XLA compiles for the CPU, else `otherwise` (chosen at lowering)."""
+    return lax.platform_dependent(
+        otherwise, *args, cpu=lambda _, *a: kernel(*a), default=lambda o, *_: o
+    )
+
+
+def _grads_with_cpu_kernel_grad(
+    xla_fn: Callable[[Array, Array], Array],
+    kernel_grad: Callable[[Array, Array], Array],
+    use_kernel: bool,
+    x: Array,
+    kernel: Array,
+    g: Array,
+) -> tuple[Array, Array]:
+    """xla_fn's gradients w.r.t. (x, kernel) for output gradient g, the kernel's from
+    kernel_grad(x, g) instead when use_kernel and compiling for the CPU (XLA drops the other)."""
+    _, pullback = jax.vjp(xla_fn, x, kernel)
+    dx, dk = pullback(g)
+    if use_kernel:
+        dk = _on_cpu(kernel_grad, dk, x, g)
+    return dx, dk
+
+
 def conv_native(x: Array, kernel: Array, stride: int) -> Array:
     """Dense convolution for the 3-channel stem: `conv_taps` forward and, on the CPU in float32,
     a C++ kernel gradient (XLA writes and multiplies im2col's stacked windows).
@@ -160,11 +189,14 @@ def _conv_native_fwd(x: Array, kernel: Array, stride: int):
 
 def _conv_native_bwd(stride: int, res: tuple[Array, Array], g: Array):
     x, kernel = res
-    _, pullback = jax.vjp(lambda x, k: conv_im2col(x, k, stride), x, kernel)
-    dx, dk = pullback(g)
-    if _stem_native(x, kernel) and g.dtype == jnp.float32:
-        dk = _on_cpu(lambda x, g: native.dense_kernel_grad(x, g, kernel.shape, stride), dk, x, g)
-    return dx, dk
+    return _grads_with_cpu_kernel_grad(
+        lambda x, k: conv_im2col(x, k, stride),
+        lambda x, g: native.dense_kernel_grad(x, g, kernel.shape, stride),
+        _stem_native(x, kernel) and g.dtype == jnp.float32,
+        x,
+        kernel,
+        g,
+    )
 
 
 _conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
@@ -190,18 +222,6 @@ def depthwise_shifted(x: Array, kernel: Array, stride: int) -> Array:
     return out
 
 
-def _native_usable(*arrays: Array) -> bool:
-    """Whether the C++ kernels apply: float32 arrays and a library that builds here."""
-    return all(a.dtype == jnp.float32 for a in arrays) and native.available()
-
-
-def _on_cpu(kernel: Callable[..., Array], otherwise: Array, *args: Array) -> Array:
-    """kernel(*args) when XLA compiles for the CPU, else `otherwise` (chosen at lowering)."""
-    return lax.platform_dependent(
-        otherwise, *args, cpu=lambda _, *a: kernel(*a), default=lambda o, *_: o
-    )
-
-
 def depthwise_native(x: Array, kernel: Array, stride: int) -> Array:
     """`depthwise_shifted` whose float32 3x3 kernel gradient on the CPU is a C++ kernel.
 
@@ -223,11 +243,14 @@ def _depthwise_native_fwd(x: Array, kernel: Array, stride: int):
 
 def _depthwise_native_bwd(stride: int, res: tuple[Array, Array], g: Array):
     x, kernel = res
-    _, pullback = jax.vjp(lambda x, k: depthwise_shifted(x, k, stride), x, kernel)
-    dx, dk = pullback(g)
-    if kernel.shape[:2] == (3, 3) and stride in (1, 2) and _native_usable(x, g, kernel):
-        dk = _on_cpu(lambda x, g: native.depthwise_kernel_grad(x, g, stride), dk, x, g)
-    return dx, dk
+    return _grads_with_cpu_kernel_grad(
+        lambda x, k: depthwise_shifted(x, k, stride),
+        lambda x, g: native.depthwise_kernel_grad(x, g, stride),
+        kernel.shape[:2] == (3, 3) and stride in (1, 2) and _native_usable(x, g, kernel),
+        x,
+        kernel,
+        g,
+    )
 
 
 _depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)

@@ -246,18 +246,16 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetDepthwiseKernelGrad, DepthwiseKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
+// Both kernel gradients take (x, g) and the stride, and return the gradient buffer.
+auto KernelGradBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetDenseKernelGrad, DenseKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetDepthwiseKernelGrad, DepthwiseKernelGrad,
+                              KernelGradBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetDenseKernelGrad, DenseKernelGrad, KernelGradBinding());
