@@ -139,3 +139,22 @@ def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
     assert native.build_library() == first
     assert os.stat(first).st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def _stem_then_depthwise(kernel, dw_kernel, x):
+    return ops.depthwise_native(ops.conv_native(x, kernel, 2)[..., :3], dw_kernel, 1)
+
+
+def test_native_impls_lower_without_the_cpu_kernels_for_other_backends():
+    from jax import export
+
+    args = jnp.ones((3, 3, 3, 24)), jnp.ones((3, 3, 1, 3)), jnp.ones((2, 16, 16, 3))
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(_stem_then_depthwise(*a) ** 2), argnums=(0, 1)))
+    targets = ("shufflenet_depthwise_kernel_grad", "shufflenet_dense_kernel_grad")
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in targets]
+    for platform, calls in [("cpu", 2), ("cuda", 0), ("tpu", 0)]:
+        module = export.export(grads, platforms=[platform], disabled_checks=checks)(*args)
+        assert module.mlir_module().count("custom_call @shufflenet") == calls, platform
+    # the forward pass has no custom call anywhere: inference exports as plain StableHLO
+    forward = export.export(jax.jit(_stem_then_depthwise), platforms=["cpu", "cuda"])(*args)
+    assert "custom_call @shufflenet" not in forward.mlir_module()
