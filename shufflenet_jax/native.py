@@ -31,6 +31,8 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _TARGETS = {  # FFI target name: C++ handler symbol
     "shufflenet_depthwise_kernel_grad": "ShufflenetDepthwiseKernelGrad",
     "shufflenet_dense_kernel_grad": "ShufflenetDenseKernelGrad",
+    "shufflenet_channel_moments": "ShufflenetChannelMoments",
+    "shufflenet_batch_norm_grad_sums": "ShufflenetBatchNormGradSums",
 }
 
 
@@ -90,10 +92,11 @@ def available() -> bool:
     return True
 
 
-def _call(target: str, shape: tuple[int, ...], *args: Array, stride: int) -> Array:
+def _call(target: str, shape: tuple[int, ...], *args: Array, **attrs: int) -> Array:
     _register()
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, stride=np.int64(stride))
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    return call(*args, **{k: np.int64(v) for k, v in attrs.items()})
 
 
 def _check_float32(name: str, *arrays: Array) -> None:
@@ -147,3 +150,24 @@ def dense_kernel_grad(x: Array, g: Array, kernel_shape: tuple[int, ...], stride:
         raise ValueError(f"dense_kernel_grad: output gradient has shape {g.shape}, expected {want}")
     _check_float32("dense_kernel_grad", x, g)
     return _call("shufflenet_dense_kernel_grad", tuple(kernel_shape), x, g, stride=stride)
+
+
+def channel_moments(x: Array) -> tuple[Array, Array]:
+    """Per-channel (last axis) mean and biased variance of float32 x, in one pass on the CPU."""
+    _check_float32("channel_moments", x)
+    if x.size == 0:
+        raise ValueError(f"channel_moments: empty input {x.shape}")
+    c = x.shape[-1]
+    out = _call("shufflenet_channel_moments", (2, c), x)
+    return out[0], out[1]
+
+
+def batch_norm_grad_sums(g: Array, x: Array, mean: Array) -> tuple[Array, Array]:
+    """Per-channel sums of g and of g * (x - mean) over all but the last axis, on the CPU."""
+    _check_float32("batch_norm_grad_sums", g, x, mean)
+    if g.shape != x.shape or mean.shape != x.shape[-1:]:
+        raise ValueError(
+            f"batch_norm_grad_sums: g {g.shape}, x {x.shape}, mean {mean.shape} do not match"
+        )
+    out = _call("shufflenet_batch_norm_grad_sums", (2, x.shape[-1]), g, x, mean)
+    return out[0], out[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -134,8 +135,9 @@ def _native_usable(*arrays: Array) -> bool:
     return all(a.dtype == jnp.float32 for a in arrays) and native.available()
 
 
-def _on_cpu(kernel: Callable[..., Array], otherwise: Array, *args: Array) -> Array:
-    """kernel(*args) when XLA compiles for the CPU, else `otherwise` (chosen at lowering)."""
+def _on_cpu(kernel: Callable[..., Any], otherwise: Any, *args: Array) -> Any:
+    """kernel(*args) when XLA compiles for the CPU, else `otherwise` (an array or a tuple of
+    them, chosen at lowering)."""
     return lax.platform_dependent(
         otherwise, *args, cpu=lambda _, *a: kernel(*a), default=lambda o, *_: o
     )
@@ -296,10 +298,13 @@ POINTWISE_IMPLS: dict[str, Callable[[Array, Array], Array]] = {
 
 
 def _batch_norm_stats(x: Array, eps: float) -> tuple[Array, Array, Array]:
-    """Batch mean, biased variance (two passes) and 1/sqrt(var + eps) over N, H, W."""
+    """Batch mean, biased variance (two passes; one C++ pass on the CPU in float32) and
+    1/sqrt(var + eps) over N, H, W."""
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 if x is
     mean = xf.mean(axis=(0, 1, 2))
     var = jnp.square(xf - mean).mean(axis=(0, 1, 2))
+    if x.size and _native_usable(x):
+        mean, var = _on_cpu(lambda x: native.channel_moments(x), (mean, var), x)
     return mean, var, lax.rsqrt(var + eps)
 
 
@@ -329,8 +334,10 @@ def _batch_norm_bwd(eps: float, res, cotangents):
     n = x.shape[0] * x.shape[1] * x.shape[2]
     centered = x.astype(mean.dtype) - mean
     g = gy.astype(mean.dtype)
-    dbias = g.sum(axis=(0, 1, 2))
-    dscale = (g * centered).sum(axis=(0, 1, 2)) * inv
+    sums = g.sum(axis=(0, 1, 2)), (g * centered).sum(axis=(0, 1, 2))
+    if x.size and _native_usable(x, gy, mean):
+        sums = _on_cpu(native.batch_norm_grad_sums, sums, gy, x, mean)
+    dbias, dscale = sums[0], sums[1] * inv
     dx = (scale * inv / n) * (n * g - dbias - centered * (inv * dscale))
     # the mean and variance outputs feed the running statistics, normally not the loss
     dx = dx + (gmean + 2.0 * gvar * centered) / n

@@ -158,3 +158,37 @@ def test_native_impls_lower_without_the_cpu_kernels_for_other_backends():
     # the forward pass has no custom call anywhere: inference exports as plain StableHLO
     forward = export.export(jax.jit(_stem_then_depthwise), platforms=["cpu", "cuda"])(*args)
     assert "custom_call @shufflenet" not in forward.mlir_module()
+
+
+def test_native_channel_moments_match_float64_mean_and_variance():
+    x = jax.random.normal(jax.random.key(7), (3, 9, 7, 13)) * jnp.arange(1, 14)
+    x = x + jnp.where(jnp.arange(13) == 5, 1e4, 0.0)  # a channel whose mean dwarfs its spread
+    mean, var = jax.jit(native.channel_moments)(x)
+    x64 = np.asarray(x, np.float64).reshape(-1, 13)
+    np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(var, x64.var(0), rtol=1e-5)
+
+
+def test_native_batch_norm_grad_sums_match_float64_sums():
+    kg, kx = jax.random.split(jax.random.key(8))
+    g = jax.random.normal(kg, (4, 6, 5, 11))
+    x = jax.random.normal(kx, (4, 6, 5, 11)) + 3.0
+    mean = x.mean(axis=(0, 1, 2))
+    sum_g, sum_gx = jax.jit(native.batch_norm_grad_sums)(g, x, mean)
+    g64, x64 = (np.asarray(a, np.float64).reshape(-1, 11) for a in (g, x))
+    np.testing.assert_allclose(sum_g, g64.sum(0), rtol=1e-5, atol=1e-5)
+    want = (g64 * (x64 - np.asarray(mean))).sum(0)
+    np.testing.assert_allclose(sum_gx, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_train_uses_the_cpu_sums_forward_and_backward():
+    x = jnp.ones((2, 4, 4, 6))
+    scale, bias = jnp.ones(6), jnp.zeros(6)
+    step = jax.jit(jax.grad(lambda x: jnp.sum(ops.batch_norm_train(x, scale, bias, 1e-5)[0] ** 2)))
+    hlo = step.lower(x).as_text()
+    assert "shufflenet_channel_moments" in hlo and "shufflenet_batch_norm_grad_sums" in hlo
+
+
+def test_native_batch_norm_grad_sums_reject_mismatched_shapes():
+    with pytest.raises(ValueError, match="do not match"):
+        native.batch_norm_grad_sums(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4)), jnp.zeros(5))

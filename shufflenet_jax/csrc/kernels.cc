@@ -6,6 +6,9 @@
 // - kernel gradient of a dense convolution with few input channels and at most 64 outputs (the
 //   3-channel stem), where XLA writes im2col's stacked windows and multiplies them:
 //     dk[i, j, c, o] = sum_{n, h, w} x[n, s*h + i - p, s*w + j - p, c] * g[n, h, w, o]
+// - BatchNorm's per-channel sums over N, H, W in one pass, where XLA runs one reduction each:
+//     forward:  mean[c] and biased variance[c] of x
+//     backward: sum[c] of g and sum[c] of g * (x - mean)
 //
 // Gradients are summed per output row in float32, rows into double accumulators (one set per
 // chunk of the batch), and the chunks in a fixed order: the result does not depend on threads.
@@ -244,6 +247,82 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// BatchNorm sums. Rows of C channels; each chunk of rows sums in double.
+
+template <typename RowFn>
+std::vector<double> ChunkedChannelSums(ffi::ThreadPool& pool, int64_t rows, int64_t c,
+                                       RowFn&& row_fn) {
+  const int64_t chunks = ChunkCount(pool, rows);
+  const int64_t per_chunk = (rows + chunks - 1) / chunks;
+  std::vector<double> partial(chunks * 2 * c, 0.0);
+  ParallelFor(pool, chunks, [&](int64_t k) {
+    double* acc = partial.data() + k * 2 * c;
+    for (int64_t r = k * per_chunk; r < std::min(rows, (k + 1) * per_chunk); ++r) {
+      row_fn(r, acc, acc + c);
+    }
+  });
+  std::vector<double> total(2 * c, 0.0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t i = 0; i < 2 * c; ++i) total[i] += partial[k * 2 * c + i];
+  }
+  return total;
+}
+
+ffi::Error ChannelMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  const auto d = x.dimensions();
+  const int64_t c = d.size() == 0 ? 0 : d.back();
+  if (c == 0 || x.element_count() == 0 || out->element_count() != 2 * c) {
+    return ffi::Error::InvalidArgument("channel moments: non-empty x (.., C), a (2, C) output");
+  }
+  const int64_t rows = x.element_count() / c;
+  const float* __restrict xp = x.typed_data();
+  // Shifted sums (by each channel's first value) keep sum-of-squares cancellation small.
+  const std::vector<double> shift(xp, xp + c);
+  auto sums = ChunkedChannelSums(pool, rows, c, [&](int64_t r, double* s1, double* s2) {
+    const float* __restrict row = xp + r * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const double v = row[ch] - shift[ch];
+      s1[ch] += v;
+      s2[ch] += v * v;
+    }
+  });
+  float* o = out->typed_data();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const double m = sums[ch] / rows;
+    o[ch] = static_cast<float>(shift[ch] + m);
+    o[c + ch] = static_cast<float>(std::max(0.0, sums[c + ch] / rows - m * m));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BatchNormGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                             ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  const auto d = x.dimensions();
+  const int64_t c = d.size() == 0 ? 0 : d.back();
+  if (g.element_count() != x.element_count() || mean.element_count() != c ||
+      out->element_count() != 2 * c || c == 0) {
+    return ffi::Error::InvalidArgument("batch norm grad sums: g, x (.., C), mean (C), out (2, C)");
+  }
+  const int64_t rows = x.element_count() / c;
+  const float* __restrict gp = g.typed_data();
+  const float* __restrict xp = x.typed_data();
+  const float* __restrict mp = mean.typed_data();
+  auto sums = ChunkedChannelSums(pool, rows, c, [&](int64_t r, double* s1, double* s2) {
+    const float* __restrict grow = gp + r * c;
+    const float* __restrict xrow = xp + r * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      s1[ch] += grow[ch];
+      s2[ch] += static_cast<double>(grow[ch]) * (xrow[ch] - mp[ch]);
+    }
+  });
+  float* o = out->typed_data();
+  for (int64_t i = 0; i < 2 * c; ++i) o[i] = static_cast<float>(sums[i]);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Both kernel gradients take (x, g) and the stride, and return the gradient buffer.
@@ -259,3 +338,16 @@ auto KernelGradBinding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetDepthwiseKernelGrad, DepthwiseKernelGrad,
                               KernelGradBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetDenseKernelGrad, DenseKernelGrad, KernelGradBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetChannelMoments, ChannelMoments,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetBatchNormGradSums, BatchNormGradSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
