@@ -291,7 +291,8 @@ def _checkpoint_manager(directory: Path, keep: int, best: bool = False) -> ocp.C
         best_mode="max",
         create=True,
     )
-    return ocp.CheckpointManager(directory, options=options)
+    # orbax rejects relative paths when it saves (README's `--workdir runs/digits` is one)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
 def model_description(config: Any) -> dict[str, Any]:

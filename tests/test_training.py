@@ -389,10 +389,13 @@ def test_bf16_ema_and_nesterov_options_train(digits_data_dir, tmp_path):
     assert result.eval_metrics["examples"] == 359
 
 
-def test_digits_quickstart_learns_well_above_chance(digits_data_dir, tmp_path):
+def test_digits_quickstart_learns_well_above_chance(digits_data_dir, tmp_path, monkeypatch):
     config = digits_config.get_config()
     config.data_dir = digits_data_dir
     config.total_steps, config.eval_every, config.num_devices = 300, 300, 1
-    result = training.train_and_evaluate(config, tmp_path)
+    monkeypatch.chdir(tmp_path)  # a relative workdir, as README's command gives
+    result = training.train_and_evaluate(config, "runs/digits")
     assert result.eval_metrics["examples"] == 359
     assert result.eval_metrics["top1"] >= 0.5  # chance is 0.1
+    assert [p.name for p in (tmp_path / "runs/digits/best").iterdir()] == ["300"]
+    assert (tmp_path / "runs/digits/checkpoints/300").is_dir()
