@@ -1,10 +1,12 @@
 """Hand-written CPU kernels (C++ in `csrc/`), built on first use and called through XLA's FFI.
 
 XLA:CPU computes the depthwise kernel gradient as nine reductions over materialized shifted
-windows, and the 3-channel stem's kernel gradient through stacked windows; the C++ kernels
-read their inputs once (docs/performance.md). The library is compiled with `$CXX` (default
+windows, the 3-channel stem's kernel gradient through stacked windows, and BatchNorm's
+per-channel sums as one reduction each; the C++ kernels read their inputs once
+(docs/performance.md). The library is compiled with `$CXX` (default
 `g++`) for this machine into `$SHUFFLENET_JAX_CACHE` (default `~/.cache/shufflenet_jax`),
-keyed by the source, the jaxlib version and the flags, so later processes load it as built.
+keyed by the source, the jaxlib version, the flags and the CPU model, so later processes load it
+as built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -45,12 +48,25 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SHUFFLENET_JAX_CACHE", default))
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line for line in f if line.startswith(("model name", "flags"))]
+    except OSError:
+        names = []
+    return "".join(names[:2]) or platform.processor()
+
+
 def build_library() -> Path:
     """Compiles csrc/kernels.cc unless a build of this exact source is cached; its path."""
     compiler = os.environ.get("CXX", "g++")
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(
-        source + jaxlib.__version__.encode() + compiler.encode() + " ".join(_FLAGS).encode()
+        source
+        + jaxlib.__version__.encode()
+        + compiler.encode()
+        + " ".join(_FLAGS).encode()
+        + _cpu_model().encode()  # -march=native: a shared cache must not mix CPU models
     ).hexdigest()[:16]
     cache = _cache_dir()
     lib = cache / f"kernels-{key}.so"
