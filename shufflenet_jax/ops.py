@@ -297,15 +297,18 @@ POINTWISE_IMPLS: dict[str, Callable[[Array, Array], Array]] = {
 }
 
 
-def _batch_norm_stats(x: Array, eps: float) -> tuple[Array, Array, Array]:
-    """Batch mean, biased variance (two passes; one C++ pass on the CPU in float32) and
-    1/sqrt(var + eps) over N, H, W."""
+def _batch_norm(x: Array, scale: Array, bias: Array, eps: float):
+    """(y, mean, var, 1/sqrt(var + eps)): batch statistics over N, H, W in two passes (one C++
+    pass on the CPU in float32), then the normalized, scaled and shifted x."""
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 if x is
     mean = xf.mean(axis=(0, 1, 2))
     var = jnp.square(xf - mean).mean(axis=(0, 1, 2))
     if x.size and _native_usable(x):
-        mean, var = _on_cpu(lambda x: native.channel_moments(x), (mean, var), x)
-    return mean, var, lax.rsqrt(var + eps)
+        mean, var = _on_cpu(native.channel_moments, (mean, var), x)
+    inv = lax.rsqrt(var + eps)
+    dt = x.dtype
+    y = (x - mean.astype(dt)) * (inv * scale).astype(dt) + bias.astype(dt)
+    return y, mean, var, inv
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -316,16 +319,12 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, eps: float) -> tuple[A
     reductions (sum of g, sum of g * x_hat); autodiff of the same formula reduces about six
     times per layer, and on XLA:CPU each reduction is a separate pass (docs/performance.md).
     """
-    mean, var, inv = _batch_norm_stats(x, eps)
-    dt = x.dtype
-    y = (x - mean.astype(dt)) * (inv * scale).astype(dt) + bias.astype(dt)
-    return y, mean, var
+    return _batch_norm(x, scale, bias, eps)[:3]
 
 
 def _batch_norm_fwd(x: Array, scale: Array, bias: Array, eps: float):
-    out = batch_norm_train(x, scale, bias, eps)
-    mean, _, inv = _batch_norm_stats(x, eps)
-    return out, (x, mean, inv, scale)
+    y, mean, var, inv = _batch_norm(x, scale, bias, eps)
+    return (y, mean, var), (x, mean, inv, scale)
 
 
 def _batch_norm_bwd(eps: float, res, cotangents):

@@ -54,17 +54,28 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-int64_t ChunkCount(ffi::ThreadPool& pool, int64_t items) {
-  return std::max<int64_t>(1, std::min<int64_t>(items, 4 * std::max<int64_t>(1, pool.num_threads())));
+// Splits [0, items) into chunks run in parallel; body(begin, end, acc) adds that chunk's share
+// into its own `size` doubles, and the chunks' sums are added in chunk order, so the result
+// does not depend on which thread ran what.
+template <typename Body>
+std::vector<double> ChunkedSums(ffi::ThreadPool& pool, int64_t items, int64_t size, Body&& body) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(items, 4 * threads));
+  const int64_t per_chunk = (items + chunks - 1) / chunks;
+  std::vector<double> partial(chunks * size, 0.0);
+  ParallelFor(pool, chunks, [&](int64_t k) {
+    const int64_t begin = std::min(items, k * per_chunk);
+    body(begin, std::min(items, begin + per_chunk), partial.data() + k * size);
+  });
+  std::vector<double> total(size, 0.0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t i = 0; i < size; ++i) total[i] += partial[k * size + i];
+  }
+  return total;
 }
 
-// Adds the chunks' partial sums (chunks x size doubles) in order into out.
-void ReduceChunks(const std::vector<double>& partial, int64_t chunks, int64_t size, float* out) {
-  for (int64_t k = 0; k < size; ++k) {
-    double total = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) total += partial[c * size + k];
-    out[k] = static_cast<float>(total);
-  }
+void StoreFloat(const std::vector<double>& values, float* out) {
+  std::transform(values.begin(), values.end(), out, [](double v) { return static_cast<float>(v); });
 }
 
 struct Geometry {
@@ -127,17 +138,12 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (dk->element_count() != 9 * s.cin) {
     return ffi::Error::InvalidArgument("depthwise kernel grad: dk must hold 9 * C values");
   }
-  const int64_t chunks = ChunkCount(pool, s.n);
-  const int64_t per_chunk = (s.n + chunks - 1) / chunks;
-  const int64_t size = 9 * s.cin;
-  std::vector<double> partial(chunks * size, 0.0);
   const float* xp = x.typed_data();
   const float* gp = g.typed_data();
-  ParallelFor(pool, chunks, [&, xp, gp](int64_t k) {
-    const int64_t n0 = std::min(s.n, k * per_chunk), n1 = std::min(s.n, n0 + per_chunk);
-    DepthwiseGradImages(xp, gp, s, n0, n1, partial.data() + k * size);
+  const auto sums = ChunkedSums(pool, s.n, 9 * s.cin, [&](int64_t n0, int64_t n1, double* acc) {
+    DepthwiseGradImages(xp, gp, s, n0, n1, acc);
   });
-  ReduceChunks(partial, chunks, size, dk->typed_data());
+  StoreFloat(sums, dk->typed_data());
   return ffi::Error::Success();
 }
 
@@ -231,42 +237,26 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   const float* xp = x.typed_data();
   const float* gp = g.typed_data();
   const int64_t size = s.kh * s.kw * s.cin * s.cout;
-  const int64_t chunks = ChunkCount(pool, s.n);
-  const int64_t per_chunk = (s.n + chunks - 1) / chunks;
-  std::vector<double> partial(chunks * size, 0.0);
+  std::vector<double> sums;
   auto error = Dispatch(s, [&](auto nb, auto stem) {
     constexpr int k = decltype(stem)::value ? 3 : 0;
-    ParallelFor(pool, chunks, [&](int64_t chunk) {
-      const int64_t n0 = std::min(s.n, chunk * per_chunk), n1 = std::min(s.n, n0 + per_chunk);
-      double* acc = partial.data() + chunk * size;
+    sums = ChunkedSums(pool, s.n, size, [&](int64_t n0, int64_t n1, double* acc) {
       DenseGradImages<decltype(nb)::value, k, k, k>(xp, gp, s, n0, n1, acc);
     });
   });
   if (error) return *error;
-  ReduceChunks(partial, chunks, size, dk->typed_data());
+  StoreFloat(sums, dk->typed_data());
   return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------------------------
-// BatchNorm sums. Rows of C channels; each chunk of rows sums in double.
+// BatchNorm sums: x (and g) as rows of C channels; out holds two rows of C sums.
 
 template <typename RowFn>
-std::vector<double> ChunkedChannelSums(ffi::ThreadPool& pool, int64_t rows, int64_t c,
-                                       RowFn&& row_fn) {
-  const int64_t chunks = ChunkCount(pool, rows);
-  const int64_t per_chunk = (rows + chunks - 1) / chunks;
-  std::vector<double> partial(chunks * 2 * c, 0.0);
-  ParallelFor(pool, chunks, [&](int64_t k) {
-    double* acc = partial.data() + k * 2 * c;
-    for (int64_t r = k * per_chunk; r < std::min(rows, (k + 1) * per_chunk); ++r) {
-      row_fn(r, acc, acc + c);
-    }
+std::vector<double> ChannelSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, RowFn&& row_fn) {
+  return ChunkedSums(pool, rows, 2 * c, [&](int64_t r0, int64_t r1, double* acc) {
+    for (int64_t r = r0; r < r1; ++r) row_fn(r, acc, acc + c);
   });
-  std::vector<double> total(2 * c, 0.0);
-  for (int64_t k = 0; k < chunks; ++k) {
-    for (int64_t i = 0; i < 2 * c; ++i) total[i] += partial[k * 2 * c + i];
-  }
-  return total;
 }
 
 ffi::Error ChannelMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -280,7 +270,7 @@ ffi::Error ChannelMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* __restrict xp = x.typed_data();
   // Shifted sums (by each channel's first value) keep sum-of-squares cancellation small.
   const std::vector<double> shift(xp, xp + c);
-  auto sums = ChunkedChannelSums(pool, rows, c, [&](int64_t r, double* s1, double* s2) {
+  auto sums = ChannelSums(pool, rows, c, [&](int64_t r, double* s1, double* s2) {
     const float* __restrict row = xp + r * c;
     for (int64_t ch = 0; ch < c; ++ch) {
       const double v = row[ch] - shift[ch];
@@ -310,7 +300,7 @@ ffi::Error BatchNormGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   const float* __restrict gp = g.typed_data();
   const float* __restrict xp = x.typed_data();
   const float* __restrict mp = mean.typed_data();
-  auto sums = ChunkedChannelSums(pool, rows, c, [&](int64_t r, double* s1, double* s2) {
+  auto sums = ChannelSums(pool, rows, c, [&](int64_t r, double* s1, double* s2) {
     const float* __restrict grow = gp + r * c;
     const float* __restrict xrow = xp + r * c;
     for (int64_t ch = 0; ch < c; ++ch) {
@@ -318,8 +308,7 @@ ffi::Error BatchNormGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
       s2[ch] += static_cast<double>(grow[ch]) * (xrow[ch] - mp[ch]);
     }
   });
-  float* o = out->typed_data();
-  for (int64_t i = 0; i < 2 * c; ++i) o[i] = static_cast<float>(sums[i]);
+  StoreFloat(sums, out->typed_data());
   return ffi::Error::Success();
 }
 
