@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from shufflenet_jax.folding import fold_batchnorm
+from shufflenet_jax.hostmem import reuse_freed_host_memory
 from shufflenet_jax.models import ShuffleNetV2
 from shufflenet_jax.steps import (
     make_eval_step,
@@ -202,6 +203,7 @@ def run(args: argparse.Namespace) -> dict:
         "jax_model_kwargs": args.jax_kwargs,
         "jax_infer_fold_bn": args.fold_bn,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "host_malloc_reuse": args.host_malloc_applied,
         "jax_train_compiler_options": (
             train_compiler_options() if args.train_options is None else args.train_options
         ),
@@ -343,8 +345,17 @@ def main() -> None:
         "JAX train 14.7 -> 26.3 img/s, PyTorch unchanged); it slows PyTorch at batch 1, where "
         "`unset` is the fair setting (docs/performance.md)",
     )
+    p.add_argument(
+        "--host-malloc",
+        default="reuse",
+        choices=["reuse", "glibc-default"],
+        help="reuse (default, as train.py and eval.py): hostmem.reuse_freed_host_memory() for "
+        "the whole process, both frameworks; glibc-default: every step's large buffers are "
+        "fresh mmaps that page-fault (docs/performance.md)",
+    )
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
+    args.host_malloc_applied = args.host_malloc == "reuse" and reuse_freed_host_memory()
     if args.omp_wait_policy != "unset":
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before torch is imported
     if args.fake_data or jax.default_backend() != "cpu":

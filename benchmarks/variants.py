@@ -21,6 +21,8 @@ import statistics
 import numpy as np
 from throughput import JaxCase, _median_seconds
 
+from shufflenet_jax.hostmem import reuse_freed_host_memory
+
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, spec = text.partition("=")
@@ -41,6 +43,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64, help="images per variant per round")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
+    reuse_freed_host_memory()  # as train.py and eval.py do
 
     cases = {}
     for name, kwargs in map(parse_variant, args.variant):
