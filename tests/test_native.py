@@ -160,8 +160,13 @@ def test_native_impls_lower_without_the_cpu_kernels_for_other_backends():
     assert "custom_call @shufflenet" not in forward.mlir_module()
 
 
-def test_native_channel_moments_match_float64_mean_and_variance():
-    x = jax.random.normal(jax.random.key(7), (3, 9, 7, 13)) * jnp.arange(1, 14)
+# Small maps, and the stem's size (many float32 blocks of rows per chunk).
+_SUM_SHAPES = [(3, 9, 7, 13), (16, 112, 112, 13)]
+
+
+@pytest.mark.parametrize("shape", _SUM_SHAPES)
+def test_native_channel_moments_match_float64_mean_and_variance(shape):
+    x = jax.random.normal(jax.random.key(7), shape) * jnp.arange(1, 14)
     x = x + jnp.where(jnp.arange(13) == 5, 1e4, 0.0)  # a channel whose mean dwarfs its spread
     mean, var = jax.jit(native.channel_moments)(x)
     x64 = np.asarray(x, np.float64).reshape(-1, 13)
@@ -169,13 +174,14 @@ def test_native_channel_moments_match_float64_mean_and_variance():
     np.testing.assert_allclose(var, x64.var(0), rtol=1e-5)
 
 
-def test_native_batch_norm_grad_sums_match_float64_sums():
+@pytest.mark.parametrize("shape", _SUM_SHAPES)
+def test_native_batch_norm_grad_sums_match_float64_sums(shape):
     kg, kx = jax.random.split(jax.random.key(8))
-    g = jax.random.normal(kg, (4, 6, 5, 11))
-    x = jax.random.normal(kx, (4, 6, 5, 11)) + 3.0
+    g = jax.random.normal(kg, shape)
+    x = jax.random.normal(kx, shape) + 3.0
     mean = x.mean(axis=(0, 1, 2))
     sum_g, sum_gx = jax.jit(native.batch_norm_grad_sums)(g, x, mean)
-    g64, x64 = (np.asarray(a, np.float64).reshape(-1, 11) for a in (g, x))
+    g64, x64 = (np.asarray(a, np.float64).reshape(-1, 13) for a in (g, x))
     np.testing.assert_allclose(sum_g, g64.sum(0), rtol=1e-5, atol=1e-5)
     want = (g64 * (x64 - np.asarray(mean))).sum(0)
     np.testing.assert_allclose(sum_gx, want, rtol=1e-5, atol=1e-5)

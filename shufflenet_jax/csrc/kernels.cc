@@ -10,8 +10,9 @@
 //     forward:  mean[c] and biased variance[c] of x
 //     backward: sum[c] of g and sum[c] of g * (x - mean)
 //
-// Gradients are summed per output row in float32, rows into double accumulators (one set per
-// chunk of the batch), and the chunks in a fixed order: the result does not depend on threads.
+// Gradients are summed per output row in float32 (BatchNorm's sums per block of 128 rows of C
+// channels), rows or blocks into double accumulators (one set per chunk of the batch), and the
+// chunks in a fixed order: the result does not depend on threads.
 
 #include <algorithm>
 #include <atomic>
@@ -252,12 +253,57 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 // ---------------------------------------------------------------------------------------------
 // BatchNorm sums: x (and g) as rows of C channels; out holds two rows of C sums.
 
+// Rows per float32 partial sum; the blocks' sums are added in double.
+constexpr int64_t kRowsPerBlock = 128;
+
+// RowFn::Add(row, s1, s2) adds one row's two terms into float sums s1[c], s2[c].
 template <typename RowFn>
-std::vector<double> ChannelSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, RowFn&& row_fn) {
+std::vector<double> ChannelSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, const RowFn& fn) {
   return ChunkedSums(pool, rows, 2 * c, [&](int64_t r0, int64_t r1, double* acc) {
-    for (int64_t r = r0; r < r1; ++r) row_fn(r, acc, acc + c);
+    std::vector<float> block(2 * c);
+    for (int64_t b = r0; b < r1; b += kRowsPerBlock) {
+      std::fill(block.begin(), block.end(), 0.0f);
+      for (int64_t r = b; r < std::min(r1, b + kRowsPerBlock); ++r) {
+        fn.Add(r, block.data(), block.data() + c);
+      }
+      for (int64_t i = 0; i < 2 * c; ++i) acc[i] += block[i];
+    }
   });
 }
+
+// Sums of v and v^2 for v = x - shift, shifted by each channel's first value so that the
+// variance's sum of squares does not cancel.
+struct ShiftedMoments {
+  const float* x;
+  const float* shift;
+  int64_t c;
+  void Add(int64_t r, float* __restrict s1, float* __restrict s2) const {
+    const float* __restrict row = x + r * c;
+    const float* __restrict sh = shift;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float v = row[ch] - sh[ch];
+      s1[ch] += v;
+      s2[ch] += v * v;
+    }
+  }
+};
+
+// Sums of g and g * (x - mean).
+struct GradSums {
+  const float* g;
+  const float* x;
+  const float* mean;
+  int64_t c;
+  void Add(int64_t r, float* __restrict s1, float* __restrict s2) const {
+    const float* __restrict grow = g + r * c;
+    const float* __restrict xrow = x + r * c;
+    const float* __restrict m = mean;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      s1[ch] += grow[ch];
+      s2[ch] += grow[ch] * (xrow[ch] - m[ch]);
+    }
+  }
+};
 
 ffi::Error ChannelMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::ResultBuffer<ffi::F32> out) {
@@ -267,17 +313,9 @@ ffi::Error ChannelMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("channel moments: non-empty x (.., C), a (2, C) output");
   }
   const int64_t rows = x.element_count() / c;
-  const float* __restrict xp = x.typed_data();
-  // Shifted sums (by each channel's first value) keep sum-of-squares cancellation small.
-  const std::vector<double> shift(xp, xp + c);
-  auto sums = ChannelSums(pool, rows, c, [&](int64_t r, double* s1, double* s2) {
-    const float* __restrict row = xp + r * c;
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const double v = row[ch] - shift[ch];
-      s1[ch] += v;
-      s2[ch] += v * v;
-    }
-  });
+  const float* xp = x.typed_data();
+  const std::vector<float> shift(xp, xp + c);
+  const auto sums = ChannelSums(pool, rows, c, ShiftedMoments{xp, shift.data(), c});
   float* o = out->typed_data();
   for (int64_t ch = 0; ch < c; ++ch) {
     const double m = sums[ch] / rows;
@@ -297,17 +335,8 @@ ffi::Error BatchNormGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
     return ffi::Error::InvalidArgument("batch norm grad sums: g, x (.., C), mean (C), out (2, C)");
   }
   const int64_t rows = x.element_count() / c;
-  const float* __restrict gp = g.typed_data();
-  const float* __restrict xp = x.typed_data();
-  const float* __restrict mp = mean.typed_data();
-  auto sums = ChannelSums(pool, rows, c, [&](int64_t r, double* s1, double* s2) {
-    const float* __restrict grow = gp + r * c;
-    const float* __restrict xrow = xp + r * c;
-    for (int64_t ch = 0; ch < c; ++ch) {
-      s1[ch] += grow[ch];
-      s2[ch] += static_cast<double>(grow[ch]) * (xrow[ch] - mp[ch]);
-    }
-  });
+  const auto sums = ChannelSums(
+      pool, rows, c, GradSums{g.typed_data(), x.typed_data(), mean.typed_data(), c});
   StoreFloat(sums, out->typed_data());
   return ffi::Error::Success();
 }
