@@ -6,7 +6,8 @@
 
 Each `--variant NAME=key:value,...` builds benchmarks/throughput.py's JaxCase with those model
 keyword arguments (`train_options:xla` compiles the train step with XLA's default options
-instead of steps.train_compiler_options()). After a warm-up the variants run round by round,
+instead of steps.train_compiler_options(); `xla.NAME:VALUE` sets one XLA option of the train
+step over those, and `xla.NAME:-` removes it). After a warm-up the variants run round by round,
 `--repeats` rounds of `--images` images each; it prints the median images/s per variant and
 its ratio to the first. Outputs of all variants are checked to agree first (inference logits,
 or the first training step's loss), so a faster variant is a faster way to the same numbers.
@@ -22,6 +23,7 @@ import numpy as np
 from throughput import JaxCase, _median_seconds
 
 from shufflenet_jax.hostmem import reuse_freed_host_memory
+from shufflenet_jax.steps import train_compiler_options
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -29,6 +31,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
     kwargs = dict(item.split(":", 1) for item in spec.split(",") if item)
     if kwargs.get("train_options") == "xla":
         kwargs["train_options"] = {}
+    options = {k.removeprefix("xla."): v for k, v in kwargs.items() if k.startswith("xla.")}
+    if options:
+        merged = {**kwargs.get("train_options", train_compiler_options()), **options}
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("xla.")}
+        kwargs["train_options"] = {k: v for k, v in merged.items() if v != "-"}
     return name, kwargs
 
 

@@ -25,10 +25,15 @@ def train_compiler_options(backend: str | None = None) -> dict[str, Any]:
     On the CPU, XLA's older loop emitters compile the backward pass's large element-wise fusions
     (ReLU/BatchNorm gradients fused with the depthwise and max-pool gradients) into faster code
     than the default fusion emitters: about 1.25x the train-step throughput at batch 32, while
-    inference is no faster (docs/performance.md). Other backends keep XLA's defaults.
+    inference is no faster. YNNPACK's dot fusions (matmuls with their neighbouring element-wise
+    work) add about 1.06x to training and halve inference speed, so inference keeps the
+    defaults (docs/performance.md). Other backends keep XLA's defaults.
     """
     if (backend or jax.default_backend()) == "cpu":
-        return {"xla_cpu_use_fusion_emitters": False}
+        return {
+            "xla_cpu_use_fusion_emitters": False,
+            "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+        }
     return {}
 
 
