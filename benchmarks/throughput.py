@@ -37,6 +37,7 @@ from shufflenet_jax.folding import fold_batchnorm
 from shufflenet_jax.hostmem import reuse_freed_host_memory
 from shufflenet_jax.models import ShuffleNetV2
 from shufflenet_jax.steps import (
+    eval_compiler_options,
     make_eval_step,
     make_train_step,
     split_model,
@@ -69,12 +70,15 @@ class JaxCase:
         size: int,
         fold_bn: bool,
         train_options: dict | None = None,
+        eval_options: dict | None = None,
         **model_kwargs,
     ):
         model = ShuffleNetV2(width, rngs=nnx.Rngs(0), **model_kwargs)
         model.eval()
         infer_graphdef, *self.infer_state = split_model(fold_batchnorm(model) if fold_bn else model)
-        self.eval_step = make_eval_step(infer_graphdef)
+        if eval_options is None:
+            eval_options = eval_compiler_options()
+        self.eval_step = make_eval_step(infer_graphdef, eval_options)
         self.graphdef, self.params, self.stats = split_model(model)
         self.tx = optax.sgd(LR, momentum=MOMENTUM)
         self.opt_state = self.tx.init(self.params)

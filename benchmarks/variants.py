@@ -6,8 +6,9 @@
 
 Each `--variant NAME=key:value,...` builds benchmarks/throughput.py's JaxCase with those model
 keyword arguments (`train_options:xla` compiles the train step with XLA's default options
-instead of steps.train_compiler_options(); `xla.NAME:VALUE` sets one XLA option of the train
-step over those, and `xla.NAME:-` removes it). After a warm-up the variants run round by round,
+instead of steps.train_compiler_options(); `xla.NAME:VALUE` sets one XLA option of the timed
+step over its defaults, steps.train_compiler_options() or steps.eval_compiler_options(),
+and `xla.NAME:-` removes it). After a warm-up the variants run round by round,
 `--repeats` rounds of `--images` images each; it prints the median images/s per variant and
 its ratio to the first. Outputs of all variants are checked to agree first (inference logits,
 or the first training step's loss), so a faster variant is a faster way to the same numbers.
@@ -23,19 +24,23 @@ import numpy as np
 from throughput import JaxCase, _median_seconds
 
 from shufflenet_jax.hostmem import reuse_freed_host_memory
-from shufflenet_jax.steps import train_compiler_options
+from shufflenet_jax.steps import eval_compiler_options, train_compiler_options
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
+def parse_variant(text: str, mode: str) -> tuple[str, dict]:
     name, _, spec = text.partition("=")
     kwargs = dict(item.split(":", 1) for item in spec.split(",") if item)
     if kwargs.get("train_options") == "xla":
         kwargs["train_options"] = {}
     options = {k.removeprefix("xla."): v for k, v in kwargs.items() if k.startswith("xla.")}
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("xla.")}
     if options:
-        merged = {**kwargs.get("train_options", train_compiler_options()), **options}
-        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("xla.")}
-        kwargs["train_options"] = {k: v for k, v in merged.items() if v != "-"}
+        if mode == "train":
+            key, defaults = "train_options", train_compiler_options()
+        else:
+            key, defaults = "eval_options", eval_compiler_options()
+        merged = {**kwargs.get(key, defaults), **options}
+        kwargs[key] = {k: v for k, v in merged.items() if v != "-"}
     return name, kwargs
 
 
@@ -53,7 +58,7 @@ def main() -> None:
     reuse_freed_host_memory()  # as train.py and eval.py do
 
     cases = {}
-    for name, kwargs in map(parse_variant, args.variant):
+    for name, kwargs in (parse_variant(v, args.mode) for v in args.variant):
         cases[name] = JaxCase(args.width, args.batch, args.size, fold_bn=True, **kwargs)
     if args.mode == "infer":
         outs = {n: np.asarray(c.eval_step(*c.infer_state, c.x)) for n, c in cases.items()}

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shufflenet_jax import checkpoint, input_pipeline, optim
 from shufflenet_jax.models import ShuffleNetV2, abstract_model, check_width
-from shufflenet_jax.steps import train_compiler_options
+from shufflenet_jax.steps import eval_compiler_options, train_compiler_options
 
 log = logging.getLogger(__name__)
 Batch = dict[str, Any]
@@ -451,7 +451,11 @@ def train_and_evaluate(
         donate_argnums=0,
         compiler_options=train_compiler_options(),
     )
-    eval_step = jax.jit(make_eval_step(graphdef), out_shardings=replicated)
+    eval_step = jax.jit(
+        make_eval_step(graphdef),
+        out_shardings=replicated,
+        compiler_options=eval_compiler_options(),
+    )
     lr_at = optim.schedule(config)
     metrics_log = MetricsLog(workdir)
     steps_per_epoch = len(train_split) / config.batch_size

@@ -10,6 +10,7 @@ from shufflenet_jax.folding import fold_batchnorm
 from shufflenet_jax.layers import BatchNorm, Bias
 from shufflenet_jax.models import ShuffleUnit, abstract_model, shufflenet_v2_x0_5, with_values
 from shufflenet_jax.steps import (
+    eval_compiler_options,
     make_eval_step,
     make_train_step,
     split_model,
@@ -89,3 +90,21 @@ def test_training_compiler_options_leave_gradients_unchanged():
         scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(want_tree))
         for a, b in zip(jax.tree.leaves(got_tree), jax.tree.leaves(want_tree), strict=True):
             assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale
+
+
+def test_eval_compiler_options_leave_logits_unchanged(model):
+    assert eval_compiler_options("cpu") and eval_compiler_options("gpu") == {}
+    graphdef, params, stats = split_model(model)
+    x = jax.random.normal(jax.random.key(5), (8, 64, 64, 3))
+    default, tuned = (
+        make_eval_step(graphdef),
+        make_eval_step(graphdef, eval_compiler_options("cpu")),
+    )
+    want, got = default(params, stats, x), tuned(params, stats, x)
+    # the 1x1 convolutions' matmuls leave YNNPACK (the reductions stay)
+    ynn_calls = [
+        f.lower(params, stats, x).compile().as_text().count("__ynn_fusion")
+        for f in (default, tuned)
+    ]
+    assert ynn_calls[1] < ynn_calls[0], ynn_calls
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
