@@ -157,7 +157,13 @@ def run(args: argparse.Namespace) -> dict:
         for batch in args.batches:
             cases: dict[str, object] = {
                 "jax": JaxCase(
-                    width, batch, args.size, args.fold_bn, args.train_options, **args.jax_kwargs
+                    width,
+                    batch,
+                    args.size,
+                    args.fold_bn,
+                    args.train_options,
+                    args.eval_options,
+                    **args.jax_kwargs,
                 ),
                 "torch_eager": TorchCase(width, batch, args.size, False, False),
                 "torch_channels_last": TorchCase(width, batch, args.size, True, False),
@@ -208,6 +214,9 @@ def run(args: argparse.Namespace) -> dict:
         "jax_infer_fold_bn": args.fold_bn,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "host_malloc_reuse": args.host_malloc_applied,
+        "jax_eval_compiler_options": (
+            eval_compiler_options() if args.eval_options is None else args.eval_options
+        ),
         "jax_train_compiler_options": (
             train_compiler_options() if args.train_options is None else args.train_options
         ),
@@ -332,6 +341,15 @@ def main() -> None:
         default=None,
         help="compile the JAX train step with XLA's default options instead of "
         "steps.train_compiler_options() (on the CPU: the older loop emitters)",
+    )
+    p.add_argument(
+        "--xla-default-eval-options",
+        dest="eval_options",
+        action="store_const",
+        const={},
+        default=None,
+        help="compile the JAX inference step with XLA's default options instead of "
+        "steps.eval_compiler_options() (on the CPU: YNNPACK matmuls)",
     )
     p.add_argument(
         "--fake-data",
