@@ -76,8 +76,6 @@ class JaxCase:
         model = ShuffleNetV2(width, rngs=nnx.Rngs(0), **model_kwargs)
         model.eval()
         infer_graphdef, *self.infer_state = split_model(fold_batchnorm(model) if fold_bn else model)
-        if eval_options is None:
-            eval_options = eval_compiler_options()
         self.eval_step = make_eval_step(infer_graphdef, eval_options)
         self.graphdef, self.params, self.stats = split_model(model)
         self.tx = optax.sgd(LR, momentum=MOMENTUM)

@@ -17,7 +17,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from shufflenet_jax import checkpoint, convert, input_pipeline, training
 from shufflenet_jax.layers import BatchNorm
 from shufflenet_jax.models import ShuffleNetV2, abstract_model, check_width
-from shufflenet_jax.steps import eval_compiler_options
 
 
 def imagenet_class_names() -> list[str]:
@@ -79,12 +78,7 @@ def evaluate_model(
     data = NamedSharding(mesh, PartitionSpec("data"))
     local_batch = training.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    eval_step = jax.jit(
-        training.make_eval_step(graphdef),
-        out_shardings=replicated,
-        compiler_options=eval_compiler_options(),
-    )
+    eval_step = training.make_eval_step(graphdef, mesh)
     batches = training.eval_dataset(config, split, local_batch)
     predictions = np.full(len(split), -1, np.int64)
     start = time.perf_counter()

@@ -52,14 +52,16 @@ def eval_compiler_options(backend: str | None = None) -> dict[str, Any]:
 def make_eval_step(
     graphdef: nnx.GraphDef, compiler_options: dict[str, Any] | None = None
 ) -> Callable[[nnx.State, nnx.State, Array], Array]:
-    """`logits = eval_step(params, batch_stats, images)` with BatchNorm on running statistics,
-    compiled with `compiler_options` (see `eval_compiler_options`)."""
+    """`logits = eval_step(params, batch_stats, images)` with BatchNorm on running statistics.
+    `compiler_options` default to `eval_compiler_options()`."""
 
     def eval_step(params, batch_stats, images):
         model = nnx.merge(graphdef, params, batch_stats)
         model.eval()
         return model(images)
 
+    if compiler_options is None:
+        compiler_options = eval_compiler_options()
     return jax.jit(eval_step, compiler_options=compiler_options)
 
 

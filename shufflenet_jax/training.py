@@ -162,10 +162,11 @@ def make_train_step(config: Any, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh):
     """`sums, predictions = eval_step(params, batch_stats, batch)`: masked counts of correct
     top-1 and top-5, summed cross-entropy and the number of real examples; and each row's top-1
-    class with the batch's `index` and `mask`."""
+    class with the batch's `index` and `mask`. Jitted with `eval_compiler_options()`, its
+    outputs replicated over `mesh`."""
 
     def eval_step(params, batch_stats, batch):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
@@ -182,7 +183,8 @@ def make_eval_step(graphdef: nnx.GraphDef):
         }
         return sums, {"top1": top5[:, 0], "index": batch["index"], "mask": mask}
 
-    return eval_step
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(eval_step, out_shardings=replicated, compiler_options=eval_compiler_options())
 
 
 def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
@@ -451,11 +453,7 @@ def train_and_evaluate(
         donate_argnums=0,
         compiler_options=train_compiler_options(),
     )
-    eval_step = jax.jit(
-        make_eval_step(graphdef),
-        out_shardings=replicated,
-        compiler_options=eval_compiler_options(),
-    )
+    eval_step = make_eval_step(graphdef, mesh)
     lr_at = optim.schedule(config)
     metrics_log = MetricsLog(workdir)
     steps_per_epoch = len(train_split) / config.batch_size

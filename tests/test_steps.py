@@ -30,7 +30,9 @@ def test_eval_step_equals_the_model_in_eval_mode(model):
     m.eval()
     want = nnx.jit(lambda m, x: m(x))(m, x)
     np.testing.assert_allclose(
-        make_eval_step(split_model(model)[0])(*split_model(model)[1:], x),
+        make_eval_step(split_model(model)[0], {})(
+            *split_model(model)[1:], x
+        ),  # as nnx.jit compiles
         want,
         rtol=1e-5,
         atol=1e-5,
@@ -97,7 +99,7 @@ def test_eval_compiler_options_leave_logits_unchanged(model):
     graphdef, params, stats = split_model(model)
     x = jax.random.normal(jax.random.key(5), (8, 64, 64, 3))
     default, tuned = (
-        make_eval_step(graphdef),
+        make_eval_step(graphdef, {}),
         make_eval_step(graphdef, eval_compiler_options("cpu")),
     )
     want, got = default(params, stats, x), tuned(params, stats, x)
