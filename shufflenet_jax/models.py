@@ -17,6 +17,7 @@ from shufflenet_jax.layers import (
     DEFAULT_DEPTHWISE_IMPL,
     DEFAULT_POINTWISE_IMPL,
     BatchNorm,
+    Bias,
     Conv2d,
     MaxPool,
 )
@@ -32,6 +33,7 @@ STAGE_OUT_CHANNELS: dict[float, tuple[int, int, int, int, int]] = {
     2.0: (24, 244, 488, 976, 2048),
 }
 STAGE_NAMES = ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
+STAGE_IMPLS = ("layers", "native")
 
 
 def check_width(width: float | str) -> float:
@@ -122,6 +124,26 @@ class ShuffleUnit(nnx.Module):
             nnx.relu,
         )
 
+    @property
+    def folded(self) -> bool:
+        """Whether `folding.fold_batchnorm` has turned its BatchNorms into biases."""
+        return isinstance(self.branch2.layers[1], Bias)
+
+    def folded_weights(self) -> tuple[Array, ...]:
+        """A folded unit's weights in `native.shuffle_stage`'s order: branch 2's 1x1 kernel and
+        bias, depthwise kernel (9, C) and bias, 1x1 kernel and bias; then branch 1's (stride 2)."""
+
+        def pair(conv: Conv2d, bias: Bias) -> tuple[Array, Array]:
+            k = conv.kernel[...]
+            return k.reshape(-1, k.shape[-1]), bias.bias[...]
+
+        b2 = self.branch2.layers
+        weights = (*pair(b2[0], b2[1]), *pair(b2[3], b2[4]), *pair(b2[5], b2[6]))
+        if self.branch1 is not None:
+            b1 = self.branch1.layers
+            weights += (*pair(b1[0], b1[1]), *pair(b1[2], b1[3]))
+        return weights
+
     def __call__(self, x: Array) -> Array:
         if self.stride == 1:
             x1, x2 = jnp.split(x, 2, axis=-1)
@@ -131,12 +153,33 @@ class ShuffleUnit(nnx.Module):
         return ops.SHUFFLE_IMPLS[self.shuffle_impl](out, 2)
 
 
+class Stage(nnx.Sequential):
+    """A stage's ShuffleUnits, applied in order (torchvision's `stage2` etc.).
+
+    With `impl="native"`, a folded stage (`folding.fold_batchnorm`, inference) runs as one C++
+    call when compiled for the CPU in float32 (`native.shuffle_stage`: each image goes through
+    all units while it is in the cache); otherwise, and with `impl="layers"`, the units' layers
+    run through XLA.
+    """
+
+    def __init__(self, *units: ShuffleUnit, impl: str):
+        super().__init__(*units)
+        self.impl = impl
+
+    def __call__(self, x: Array) -> Array:
+        out = super().__call__(x)
+        if self.impl == "native" and all(unit.folded for unit in self.layers):
+            out = ops.folded_stage_native(x, [unit.folded_weights() for unit in self.layers], out)
+        return out
+
+
 class ShuffleNetV2(nnx.Module):
     """ShuffleNet V2 for NHWC RGB images of any size (down to 1x1), returning class logits.
 
     `dense_impl` / `depthwise_impl` / `pointwise_impl` pick how the stem 3x3, the depthwise 3x3
     and the 1x1 convolutions are computed, `shuffle_impl` the channel shuffle
-    (`ops.SHUFFLE_IMPLS`); all choices compute the same function. `unbiased_running_var=True`
+    (`ops.SHUFFLE_IMPLS`), `stage_impl` how a folded stage runs (`Stage`); all choices compute
+    the same function. `unbiased_running_var=True`
     makes BatchNorm's running variance follow PyTorch (unbiased) instead of Flax (biased); it
     only matters in training mode.
     """
@@ -150,10 +193,13 @@ class ShuffleNetV2(nnx.Module):
         depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
         pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
         shuffle_impl: str = "transpose",
+        stage_impl: str = "native",
         unbiased_running_var: bool = False,
         rngs: nnx.Rngs,
     ):
         self.width = check_width(width)
+        if stage_impl not in STAGE_IMPLS:
+            raise ValueError(f"unknown stage_impl {stage_impl!r}; choose from {list(STAGE_IMPLS)}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes
@@ -178,7 +224,7 @@ class ShuffleNetV2(nnx.Module):
             unit_kw = dict(shuffle_impl=shuffle_impl, **bn_kw, **kw)
             units = [ShuffleUnit(cin, cout, 2, **unit_kw)]
             units += [ShuffleUnit(cout, cout, 1, **unit_kw) for _ in range(repeats - 1)]
-            setattr(self, name, nnx.Sequential(*units))
+            setattr(self, name, Stage(*units, impl=stage_impl))
             cin = cout
         self.conv5 = nnx.Sequential(Conv2d(cin, c5, 1, **kw), BatchNorm(c5, **bn_kw), nnx.relu)
         self.fc = nnx.Linear(c5, num_classes, rngs=rngs)

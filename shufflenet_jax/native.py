@@ -36,6 +36,7 @@ _TARGETS = {  # FFI target name: C++ handler symbol
     "shufflenet_dense_kernel_grad": "ShufflenetDenseKernelGrad",
     "shufflenet_channel_moments": "ShufflenetChannelMoments",
     "shufflenet_batch_norm_grad_sums": "ShufflenetBatchNormGradSums",
+    "shufflenet_stage": "ShufflenetStage",
 }
 
 
@@ -187,3 +188,42 @@ def batch_norm_grad_sums(g: Array, x: Array, mean: Array) -> tuple[Array, Array]
         )
     out = _call("shufflenet_batch_norm_grad_sums", (2, x.shape[-1]), g, x, mean)
     return out[0], out[1]
+
+
+def shuffle_stage(x: Array, units: list[tuple[Array, ...]]) -> Array:
+    """ShuffleNet V2 units with BatchNorm folded, one after another on float32 NHWC x, on the CPU.
+
+    Each unit's weights: branch 2's 1x1 kernel (C_in, half) and bias, ReLU, 3x3 depthwise
+    kernel (9, half) and bias, 1x1 kernel (half, half) and bias, ReLU; six arrays for a stride-1
+    unit (its branch 2 sees the second half of the channels, the first half passes through), ten
+    for a stride-2 unit, which adds branch 1's depthwise kernel (9, C_in) and bias, 1x1 kernel
+    (C_in, half) and bias, ReLU. Only the first unit may have stride 2. Each returns its two
+    branches concatenated and shuffled; each image goes through all units while in the cache.
+    """
+    if not units:
+        raise ValueError("shuffle_stage: needs at least one unit")
+    if x.ndim != 4:
+        raise ValueError(f"shuffle_stage: x must be NHWC, got shape {x.shape}")
+    n, h, w, c = x.shape
+    first_stride = 2 if len(units[0]) == 10 else 1
+    for i, unit in enumerate(units):
+        _check_float32(f"shuffle_stage unit {i}", *unit)
+        stride = 2 if len(unit) == 10 else 1
+        if len(unit) not in (6, 10) or (i and stride == 2):
+            raise ValueError(
+                f"shuffle_stage: unit {i} has {len(unit)} weight arrays; the first unit takes 6 "
+                "(stride 1) or 10 (stride 2), later units 6"
+            )
+        half = unit[0].shape[-1]
+        cin = half if stride == 1 else c
+        want = [(cin, half), (half,), (9, half), (half,), (half, half), (half,)]
+        want += [(9, c), (c,), (c, half), (half,)] if stride == 2 else []
+        got = [tuple(a.shape) for a in unit]
+        if got != want or (stride == 1 and c != 2 * half):
+            raise ValueError(
+                f"shuffle_stage: unit {i} on input channels {c}: weight shapes {got}, "
+                f"expected {want}" + (f" and {2 * half} input channels" if stride == 1 else "")
+            )
+        h, w, c = (h - 1) // stride + 1, (w - 1) // stride + 1, 2 * half
+    weights = [a for unit in units for a in unit]
+    return _call("shufflenet_stage", (n, h, w, c), x, *weights, first_stride=first_stride)

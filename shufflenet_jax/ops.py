@@ -143,6 +143,21 @@ def _on_cpu(kernel: Callable[..., Any], otherwise: Any, *args: Array) -> Any:
     )
 
 
+def folded_stage_native(x: Array, units: list[tuple[Array, ...]], reference: Array) -> Array:
+    """`native.shuffle_stage(x, units)` when compiling for the CPU in float32 with the C++
+    kernels built; otherwise `reference`, the same stage computed by XLA (chosen at lowering)."""
+    flat = [a for unit in units for a in unit]
+    if not _native_usable(x, *flat):
+        return reference
+    sizes = [len(unit) for unit in units]
+
+    def kernel(x: Array, *flat: Array) -> Array:
+        it = iter(flat)
+        return native.shuffle_stage(x, [tuple(next(it) for _ in range(k)) for k in sizes])
+
+    return _on_cpu(kernel, reference, x, *flat)
+
+
 def _grads_with_cpu_kernel_grad(
     xla_fn: Callable[[Array, Array], Array],
     kernel_grad: Callable[[Array, Array], Array],

@@ -15,11 +15,13 @@
 // chunks in a fixed order: the result does not depend on threads.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -341,6 +343,350 @@ ffi::Error BatchNormGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Inference of a whole ShuffleNet V2 unit with BatchNorm folded (convolutions with biases):
+//   stride 1: out = shuffle(concat(x[..., :h], relu(pw2(dw(relu(pw1(x[..., h:])))))))
+//   stride 2: out = shuffle(concat(relu(pw3(dw1(x))), relu(pw2(dw(relu(pw1(x)))))))
+// where pw* are 1x1 convolutions plus bias, dw* 3x3 depthwise convolutions (stride 1 or 2,
+// padding 1) plus bias. XLA runs these as about ten separate passes over memory (matmuls,
+// element-wise fusions, concatenate, transpose); here each band of rows of one image goes
+// through all of them while it is in the cache, and is written once, already shuffled.
+
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")  // a * b + c as one fused multiply-add
+
+typedef float V16 __attribute__((vector_size(64)));
+
+inline V16 Load(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
+
+typedef int32_t I16 __attribute__((vector_size(64)));
+constexpr I16 kInterleaveLow = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+constexpr I16 kInterleaveHigh = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+inline V16 Broadcast(float s) { return V16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+
+constexpr int64_t kRows = 6;     // rows of the matmul micro-kernel
+constexpr int64_t kVectors = 4;  // 16-float columns of the micro-kernel
+
+inline int64_t RoundUp16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// c_r[0:16*NV] = act(a[r, 0:k] @ b[0:k, 0:16*NV] + bias) for r < MR; rows of a and b are
+// lda and ldb apart, c_r = c(r). The accumulators stay in registers for the whole of k.
+template <int MR, int NV, typename RowOut>
+void MicroKernel(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
+                 int64_t k, const float* __restrict bias, bool relu, const RowOut& c) {
+  V16 acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    const V16 bv = Load(bias + 16 * v);
+    for (int r = 0; r < MR; ++r) acc[r][v] = bv;
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    V16 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Load(b + p * ldb + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      const V16 av = Broadcast(a[r * lda + p]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  const V16 zero{};
+  for (int r = 0; r < MR; ++r) {
+    float* row = c(r);
+    for (int v = 0; v < NV; ++v) {
+      Store(row + 16 * v, relu ? (acc[r][v] > zero ? acc[r][v] : zero) : acc[r][v]);
+    }
+  }
+}
+
+template <int MR, typename RowOut>
+void MicroColumns(int64_t nv, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k,
+                  const float* bias, bool relu, const RowOut& c) {
+  switch (nv) {
+    case 1: return MicroKernel<MR, 1>(a, lda, b, ldb, k, bias, relu, c);
+    case 2: return MicroKernel<MR, 2>(a, lda, b, ldb, k, bias, relu, c);
+    case 3: return MicroKernel<MR, 3>(a, lda, b, ldb, k, bias, relu, c);
+    default: return MicroKernel<MR, 4>(a, lda, b, ldb, k, bias, relu, c);
+  }
+}
+
+// Output row m, columns j.. of act(a[m, 0:k] @ b + bias) go to out(m) + j, for m < rows; b is
+// (k, np) with np a multiple of 16 (zero columns past the real outputs), bias has np entries.
+template <typename RowPtr>
+void Matmul(const float* a, int64_t lda, int64_t rows, int64_t k, const float* b, int64_t np,
+            const float* bias, bool relu, const RowPtr& out) {
+  for (int64_t j = 0; j < np; j += 16 * kVectors) {
+    const int64_t nv = std::min<int64_t>(kVectors, (np - j) / 16);
+    for (int64_t i = 0; i < rows; i += kRows) {
+      const float* ai = a + i * lda;
+      auto c = [&](int64_t r) { return out(i + r) + j; };
+      switch (std::min<int64_t>(kRows, rows - i)) {
+        case 1: MicroColumns<1>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
+        case 2: MicroColumns<2>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
+        case 3: MicroColumns<3>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
+        case 4: MicroColumns<4>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
+        case 5: MicroColumns<5>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
+        default: MicroColumns<6>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
+      }
+    }
+  }
+}
+
+// Dense output rows ld apart.
+struct Rows {
+  float* base;
+  int64_t ld;
+  float* operator()(int64_t m) const { return base + m * ld; }
+};
+
+// out[r, w, :] = bias + sum_{i, j} in[s*r + i, s*w + j, :] * k[3*i + j, :] for r < rows,
+// w < cols: a 3x3 depthwise convolution of `in` (already padded, in_cols columns, cp channels).
+void Depthwise(const float* __restrict in, int64_t in_cols, int64_t cp, int64_t rows,
+               int64_t cols, int64_t s, const float* __restrict k, const float* __restrict bias,
+               float* __restrict out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t w = 0; w < cols; ++w) {
+      float* o = out + (r * cols + w) * cp;
+      for (int64_t c = 0; c < cp; c += 16) {
+        V16 acc = Load(bias + c);
+        for (int64_t i = 0; i < 3; ++i) {
+          const float* row = in + ((s * r + i) * in_cols + s * w) * cp + c;
+          for (int64_t j = 0; j < 3; ++j) acc += Load(row + j * cp) * Load(k + (3 * i + j) * cp + c);
+        }
+        Store(o + c, acc);
+      }
+    }
+  }
+}
+
+// A weight matrix (rows, cols) copied into (rows, RoundUp16(cols)) with zero columns; a
+// vector into RoundUp16 entries. Zero weights and biases keep the padding channels at zero.
+std::vector<float> PadColumns(const float* w, int64_t rows, int64_t cols) {
+  const int64_t np = RoundUp16(cols);
+  std::vector<float> out(rows * np, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) std::copy(w + r * cols, w + (r + 1) * cols, out.data() + r * np);
+  return out;
+}
+
+const float* Floats(const ffi::AnyBuffer& a) { return static_cast<const float*>(a.untyped_data()); }
+
+struct Pointwise {  // a 1x1 convolution (C_in, C_out) with bias, columns padded to 16s
+  std::vector<float> w, b;
+  int64_t k;
+  Pointwise(const ffi::AnyBuffer& w_, const ffi::AnyBuffer& b_)
+      : w(PadColumns(Floats(w_), w_.dimensions()[0], w_.dimensions()[1])),
+        b(PadColumns(Floats(b_), 1, w_.dimensions()[1])),
+        k(w_.dimensions()[0]) {}
+};
+
+struct DepthwiseWeights {  // a (9, C) kernel and its bias, channels padded to 16s
+  std::vector<float> k, b;
+  DepthwiseWeights(const ffi::AnyBuffer& k_, const ffi::AnyBuffer& b_)
+      : k(PadColumns(Floats(k_), 9, k_.dimensions()[1])), b(PadColumns(Floats(b_), 1, k_.dimensions()[1])) {}
+};
+
+struct UnitShape {
+  int64_t n, h, w, c;  // input
+  int64_t s, ho, wo;   // stride, output rows and columns
+  int64_t half;        // output channels of each branch
+};
+
+// A padded band of input rows for a stride-s 3x3 depthwise conv producing output rows
+// [r0, r1): rows s*r0 - 1 .. s*(r1 - 1) + 1 of the image, one zero column on each side.
+// fill(row, dst) writes the cp channels of the image row's w pixels to dst (stride cp).
+template <typename Fill>
+void PaddedBand(const UnitShape& u, int64_t r0, int64_t r1, int64_t cp, float* band, Fill&& fill) {
+  const int64_t rows = u.s * (r1 - 1 - r0) + 3, cols = u.w + 2;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* dst = band + i * cols * cp;
+    const int64_t hi = u.s * r0 - 1 + i;
+    if (hi < 0 || hi >= u.h) {
+      std::fill(dst, dst + cols * cp, 0.0f);
+      continue;
+    }
+    std::fill(dst, dst + cp, 0.0f);
+    std::fill(dst + (cols - 1) * cp, dst + cols * cp, 0.0f);
+    fill(hi, dst + cp);
+  }
+}
+
+template <typename T>
+T* Scratch(std::vector<T>& buf, int64_t size) {
+  if (static_cast<int64_t>(buf.size()) < size) buf.resize(size);
+  return buf.data();
+}
+
+struct Unit {
+  UnitShape u;
+  Pointwise pw1;
+  DepthwiseWeights dw;
+  Pointwise pw2;
+  std::optional<DepthwiseWeights> dw1;  // branch 1, stride 2 only
+  std::optional<Pointwise> pw3;
+};
+
+// Output rows [r0, r1) of one image of the unit: image is (h, w, c), out (ho, wo, 2 * half).
+void UnitRows(const Unit& unit, const float* image, int64_t r0, int64_t r1, float* out) {
+  const UnitShape& u = unit.u;
+  const int64_t hp = RoundUp16(u.half), cp = RoundUp16(u.c);
+  const int64_t rows_in = u.s * (r1 - 1 - r0) + 3, m = (r1 - r0) * u.wo;
+  thread_local std::vector<float> buffers[5];
+  float* a = Scratch(buffers[0], rows_in * (u.w + 2) * hp);
+  float* b = Scratch(buffers[1], m * std::max(cp, hp));
+  float* odd = Scratch(buffers[2], m * hp);
+  // branch 2's first 1x1 conv on the image rows the band needs, in one matmul
+  const int64_t h0 = std::max<int64_t>(0, u.s * r0 - 1);
+  const int64_t h1 = std::min<int64_t>(u.h, u.s * (r1 - 1) + 2);
+  const int64_t x_off = u.s == 1 ? u.half : 0;  // stride 1: branch 2 sees the second half
+  PaddedBand(u, r0, r1, hp, a, [](int64_t, float*) {});  // the zeros; the matmul fills the rest
+  float* first = a + ((h0 - (u.s * r0 - 1)) * (u.w + 2) + 1) * hp;
+  Matmul(image + h0 * u.w * u.c + x_off, u.c, (h1 - h0) * u.w, unit.pw1.k, unit.pw1.w.data(), hp,
+         unit.pw1.b.data(), true,
+         [&](int64_t i) { return first + (i / u.w * (u.w + 2) + i % u.w) * hp; });
+  Depthwise(a, u.w + 2, hp, r1 - r0, u.wo, u.s, unit.dw.k.data(), unit.dw.b.data(), b);
+  Matmul(b, hp, m, unit.pw2.k, unit.pw2.w.data(), hp, unit.pw2.b.data(), true, Rows{odd, hp});
+  const float* even;  // the first branch's output, (m, ld_even)
+  int64_t ld_even;
+  if (u.s == 1) {
+    even = image + r0 * u.w * u.c;
+    ld_even = u.c;
+  } else {
+    float* band = Scratch(buffers[3], rows_in * (u.w + 2) * cp);
+    float* d = Scratch(buffers[4], m * hp);
+    PaddedBand(u, r0, r1, cp, band, [&](int64_t hi, float* dst) {
+      const float* src = image + hi * u.w * u.c;
+      for (int64_t w = 0; w < u.w; ++w) {
+        std::copy(src + w * u.c, src + (w + 1) * u.c, dst + w * cp);
+        std::fill(dst + w * cp + u.c, dst + (w + 1) * cp, 0.0f);
+      }
+    });
+    Depthwise(band, u.w + 2, cp, r1 - r0, u.wo, 2, unit.dw1->k.data(), unit.dw1->b.data(), b);
+    Matmul(b, cp, m, unit.pw3->k, unit.pw3->w.data(), hp, unit.pw3->b.data(), true, Rows{d, hp});
+    even = d;
+    ld_even = hp;
+  }
+  float* o = out + r0 * u.wo * 2 * u.half;
+  for (int64_t p = 0; p < m; ++p) {
+    const float* e = even + p * ld_even;
+    const float* q = odd + p * hp;
+    float* dst = o + p * 2 * u.half;
+    int64_t k = 0;
+    for (; k + 16 <= u.half; k += 16) {
+      const V16 ev = Load(e + k), qv = Load(q + k);
+      Store(dst + 2 * k, __builtin_shuffle(ev, qv, kInterleaveLow));
+      Store(dst + 2 * k + 16, __builtin_shuffle(ev, qv, kInterleaveHigh));
+    }
+    for (; k < u.half; ++k) {
+      dst[2 * k] = e[k];
+      dst[2 * k + 1] = q[k];
+    }
+  }
+}
+
+int64_t InputSize(const UnitShape& u) { return u.h * u.w * u.c; }
+int64_t OutputSize(const UnitShape& u) { return u.ho * u.wo * 2 * u.half; }
+
+// The units one after another on x (n images). With at least as many images as threads, each
+// image goes through all units while it is in the cache; otherwise unit by unit, each image's
+// rows split into bands so that every thread has work.
+void StageInfer(ffi::ThreadPool& pool, const std::vector<Unit>& units, int64_t n, const float* x,
+                float* out) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (n >= threads) {
+    ParallelFor(pool, n, [&](int64_t i) {
+      thread_local std::vector<float> ping, pong;
+      const float* src = x + i * InputSize(units.front().u);
+      for (size_t k = 0; k < units.size(); ++k) {
+        const UnitShape& u = units[k].u;
+        float* dst = k + 1 == units.size() ? out + i * OutputSize(u)
+                                           : Scratch(k % 2 ? pong : ping, OutputSize(u));
+        UnitRows(units[k], src, 0, u.ho, dst);
+        src = dst;
+      }
+    });
+    return;
+  }
+  std::vector<float> between[2];
+  const float* src = x;
+  for (size_t k = 0; k < units.size(); ++k) {
+    const UnitShape& u = units[k].u;
+    float* dst = k + 1 == units.size() ? out : Scratch(between[k % 2], n * OutputSize(u));
+    const int64_t bands = std::min<int64_t>(u.ho, (2 * threads + n - 1) / n);
+    const int64_t band_rows = (u.ho + bands - 1) / bands;
+    ParallelFor(pool, n * bands, [&](int64_t chunk) {
+      const int64_t i = chunk / bands, r0 = std::min(u.ho, chunk % bands * band_rows);
+      const int64_t r1 = std::min(u.ho, r0 + band_rows);
+      if (r0 < r1) UnitRows(units[k], src + i * InputSize(u), r0, r1, dst + i * OutputSize(u));
+    });
+    src = dst;
+  }
+}
+
+#pragma GCC pop_options
+
+bool IsMatrix(ffi::AnyBuffer a, int64_t rows, int64_t cols) {
+  const auto d = a.dimensions();
+  return a.element_type() == ffi::F32 && d.size() == 2 && d[0] == rows && d[1] == cols;
+}
+
+bool IsVector(ffi::AnyBuffer a, int64_t size) {
+  return a.element_type() == ffi::F32 && a.dimensions().size() == 1 && a.dimensions()[0] == size;
+}
+
+// Weights per unit: (w1, b1), (depthwise kernel, bias), (w2, b2) of branch 2, then for a
+// stride-2 unit (depthwise kernel, bias), (w, b) of branch 1. 1x1 kernels are (C_in, C_out)
+// matrices, depthwise kernels (9, C). Only the first unit may have stride 2.
+ffi::Error ShuffleStage(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
+                        ffi::ResultBuffer<ffi::F32> out, int64_t first_stride) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 4 || (first_stride != 1 && first_stride != 2)) {
+    return ffi::Error::InvalidArgument("shuffle stage: x must be NHWC, the stride 1 or 2");
+  }
+  std::vector<Unit> units;
+  int64_t h = xd[1], w = xd[2], c = xd[3];
+  for (size_t i = 0; i < weights.size();) {
+    const int64_t s = units.empty() ? first_stride : 1;
+    const size_t count = s == 1 ? 6 : 10;
+    if (i + count > weights.size()) {
+      return ffi::Error::InvalidArgument("shuffle stage: a unit's weights are incomplete");
+    }
+    std::vector<ffi::AnyBuffer> a;
+    for (size_t j = 0; j < count; ++j) {
+      auto arg = weights.get<ffi::AnyBuffer>(i + j);
+      if (arg.has_error()) return arg.error();
+      a.push_back(*arg);
+    }
+    const int64_t half = a[0].dimensions().size() == 2 ? a[0].dimensions()[1] : -1;
+    const int64_t k1 = s == 1 ? half : c;
+    if ((s == 1 && c != 2 * half) || !IsMatrix(a[0], k1, half) || !IsVector(a[1], half) ||
+        !IsMatrix(a[2], 9, half) || !IsVector(a[3], half) || !IsMatrix(a[4], half, half) ||
+        !IsVector(a[5], half) ||
+        (s == 2 && (!IsMatrix(a[6], 9, c) || !IsVector(a[7], c) || !IsMatrix(a[8], c, half) ||
+                    !IsVector(a[9], half)))) {
+      return ffi::Error::InvalidArgument("shuffle stage: weight shapes do not match the input");
+    }
+    UnitShape u{xd[0], h, w, c, s, (h - 1) / s + 1, (w - 1) / s + 1, half};
+    units.push_back(Unit{u, Pointwise(a[0], a[1]), DepthwiseWeights(a[2], a[3]),
+                         Pointwise(a[4], a[5]), std::nullopt, std::nullopt});
+    if (s == 2) {
+      units.back().dw1.emplace(a[6], a[7]);
+      units.back().pw3.emplace(a[8], a[9]);
+    }
+    h = u.ho, w = u.wo, c = 2 * half;
+    i += count;
+  }
+  const auto od = out->dimensions();
+  if (units.empty() || od.size() != 4 || od[0] != xd[0] || od[1] != h || od[2] != w || od[3] != c) {
+    return ffi::Error::InvalidArgument("shuffle stage: no units, or output shape does not match");
+  }
+  StageInfer(pool, units, xd[0], x.typed_data(), out->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Both kernel gradients take (x, g) and the stride, and return the gradient buffer.
@@ -369,3 +715,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetBatchNormGradSums, BatchNormGradSums,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetStage, ShuffleStage,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("first_stride"));
