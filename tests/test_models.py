@@ -201,6 +201,11 @@ def test_unknown_conv_implementation_is_rejected():
         ShuffleNetV2(0.5, depthwise_impl="fast", rngs=nnx.Rngs(0))
 
 
+def test_unknown_stage_implementation_is_rejected():
+    with pytest.raises(ValueError, match="unknown stage_impl 'fused'"):
+        ShuffleNetV2(0.5, stage_impl="fused", rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("shape", [(32, 32, 3), (1, 32, 32, 1), (1, 3, 32, 32), (1, 1, 32, 32, 3)])
 def test_input_must_be_rank4_nhwc_rgb(model, shape):
     with pytest.raises(

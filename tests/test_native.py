@@ -198,3 +198,97 @@ def test_batch_norm_train_uses_the_cpu_sums_forward_and_backward():
 def test_native_batch_norm_grad_sums_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="do not match"):
         native.batch_norm_grad_sums(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4)), jnp.zeros(5))
+
+
+def _folded(width, stage_impl, seed=0):
+    from shufflenet_jax.folding import fold_batchnorm
+    from shufflenet_jax.models import abstract_model, with_values
+    from tests.helpers import random_values
+
+    values = random_values(abstract_model(width, 10), seed)
+    model = with_values(abstract_model(width, 10, stage_impl=stage_impl), values)
+    model.eval()
+    return fold_batchnorm(model)
+
+
+# batch 1: each image's rows split into bands; batches 2, 3: every image through the whole stage
+@pytest.mark.parametrize(
+    "width, shape",
+    [(0.5, (1, 64, 48, 3)), (1.0, (3, 40, 40, 3)), (1.5, (2, 35, 33, 3)), (2.0, (1, 33, 35, 3))],
+)
+def test_folded_stage_native_computes_the_layers_for_every_width(width, shape):
+    from flax import nnx
+
+    x = jax.random.normal(jax.random.key(7), shape)
+    stages = jax.jit(
+        lambda graphdef, state, x: nnx.merge(graphdef, state).stages(x), static_argnums=0
+    )
+    out = {}
+    for impl in ("native", "layers"):
+        graphdef, state = nnx.split(_folded(width, impl))
+        hlo = stages.lower(graphdef, state, x).as_text()
+        assert hlo.count("shufflenet_stage") == (3 if impl == "native" else 0), impl
+        out[impl] = stages(graphdef, state, x)
+    for name in ("stage2", "stage3", "stage4", "fc"):
+        want, got = np.asarray(out["layers"][name]), np.asarray(out["native"][name])
+        err = np.max(np.abs(got - want))
+        assert err <= 1e-5 * max(1.0, np.max(np.abs(want))), (name, err)
+
+
+def test_unfolded_stages_do_not_use_the_stage_kernel():
+    from flax import nnx
+
+    from shufflenet_jax.models import ShuffleNetV2
+
+    model = ShuffleNetV2(0.5, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 32, 32, 3))
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        assert "shufflenet_stage" not in nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
+
+
+def test_folded_stage_lowers_without_the_cpu_kernel_for_other_backends():
+    from flax import nnx
+    from jax import export
+
+    graphdef, state = nnx.split(_folded(0.5, "native"))
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    check = [export.DisabledSafetyCheck.custom_call("shufflenet_stage")]
+    args = state, jnp.ones((2, 32, 32, 3))
+    for platform, calls in [("cpu", 3), ("cuda", 0), ("tpu", 0)]:
+        module = export.export(forward, platforms=[platform], disabled_checks=check)(*args)
+        assert module.mlir_module().count("custom_call @shufflenet_stage") == calls, platform
+
+
+def _unit_weights(c_in, half, stride):
+    shapes = [(c_in if stride == 2 else half, half), (half,), (9, half), (half,), (half, half)]
+    shapes += [(half,)] + ([(9, c_in), (c_in,), (c_in, half), (half,)] if stride == 2 else [])
+    return tuple(jnp.ones(s) for s in shapes)
+
+
+@pytest.mark.parametrize(
+    "units, message",
+    [
+        ([], "at least one unit"),
+        ([_unit_weights(24, 12, 1)], r"unit 0 on input channels 8: .* and 24 input channels"),
+        ([_unit_weights(8, 12, 2)[:9]], "unit 0 has 9 weight arrays"),
+        ([_unit_weights(8, 12, 2), _unit_weights(24, 12, 2)], "unit 1 has 10 weight arrays"),
+        (
+            [_unit_weights(8, 12, 2), (*_unit_weights(24, 12, 1)[:2], jnp.ones((3, 12)))],
+            r"unit 1 has 3 weight arrays",
+        ),
+        (
+            [_unit_weights(8, 12, 2), _unit_weights(24, 12, 1)[:2] + (jnp.ones((3, 12)),) * 4],
+            r"unit 1 .*\(3, 12\).* expected .*\(9, 12\)",
+        ),
+    ],
+)
+def test_shuffle_stage_rejects_mismatched_weights(units, message):
+    with pytest.raises(ValueError, match=message):
+        native.shuffle_stage(jnp.ones((1, 6, 6, 8)), units)
+
+
+def test_shuffle_stage_rejects_other_dtypes():
+    units = [tuple(w.astype(jnp.bfloat16) for w in _unit_weights(8, 12, 2))]
+    with pytest.raises(ValueError, match="needs float32"):
+        native.shuffle_stage(jnp.ones((1, 6, 6, 8)), units)
