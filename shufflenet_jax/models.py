@@ -33,7 +33,7 @@ STAGE_OUT_CHANNELS: dict[float, tuple[int, int, int, int, int]] = {
     2.0: (24, 244, 488, 976, 2048),
 }
 STAGE_NAMES = ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
-STAGE_IMPLS = ("layers", "native")
+FOLDED_IMPLS = ("layers", "native")
 
 
 def check_width(width: float | str) -> float:
@@ -178,10 +178,11 @@ class ShuffleNetV2(nnx.Module):
 
     `dense_impl` / `depthwise_impl` / `pointwise_impl` pick how the stem 3x3, the depthwise 3x3
     and the 1x1 convolutions are computed, `shuffle_impl` the channel shuffle
-    (`ops.SHUFFLE_IMPLS`), `stage_impl` how a folded stage runs (`Stage`); all choices compute
-    the same function. `unbiased_running_var=True`
-    makes BatchNorm's running variance follow PyTorch (unbiased) instead of Flax (biased); it
-    only matters in training mode.
+    (`ops.SHUFFLE_IMPLS`), `folded_impl` how the network runs once `folding.fold_batchnorm` has
+    folded it for inference ("native": the stem with its max-pool, and each stage, as one C++
+    call each on the CPU in float32; "layers": XLA); all choices compute the same function.
+    `unbiased_running_var=True` makes BatchNorm's running variance follow PyTorch (unbiased)
+    instead of Flax (biased); it only matters in training mode.
     """
 
     def __init__(
@@ -193,13 +194,16 @@ class ShuffleNetV2(nnx.Module):
         depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
         pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
         shuffle_impl: str = "transpose",
-        stage_impl: str = "native",
+        folded_impl: str = "native",
         unbiased_running_var: bool = False,
         rngs: nnx.Rngs,
     ):
         self.width = check_width(width)
-        if stage_impl not in STAGE_IMPLS:
-            raise ValueError(f"unknown stage_impl {stage_impl!r}; choose from {list(STAGE_IMPLS)}")
+        if folded_impl not in FOLDED_IMPLS:
+            raise ValueError(
+                f"unknown folded_impl {folded_impl!r}; choose from {list(FOLDED_IMPLS)}"
+            )
+        self.folded_impl = folded_impl
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes
@@ -224,10 +228,15 @@ class ShuffleNetV2(nnx.Module):
             unit_kw = dict(shuffle_impl=shuffle_impl, **bn_kw, **kw)
             units = [ShuffleUnit(cin, cout, 2, **unit_kw)]
             units += [ShuffleUnit(cout, cout, 1, **unit_kw) for _ in range(repeats - 1)]
-            setattr(self, name, Stage(*units, impl=stage_impl))
+            setattr(self, name, Stage(*units, impl=folded_impl))
             cin = cout
         self.conv5 = nnx.Sequential(Conv2d(cin, c5, 1, **kw), BatchNorm(c5, **bn_kw), nnx.relu)
         self.fc = nnx.Linear(c5, num_classes, rngs=rngs)
+
+    @property
+    def folded(self) -> bool:
+        """Whether `folding.fold_batchnorm` has turned its BatchNorms into biases."""
+        return isinstance(self.conv1.layers[1], Bias)
 
     def stages(self, x: Array) -> dict[str, Array]:
         """Outputs of every stage in `STAGE_NAMES` and the logits (`fc`), for stage-wise checks."""
@@ -237,8 +246,12 @@ class ShuffleNetV2(nnx.Module):
                 f"got {x.shape}"
             )
         out = {}
+        image = x
         for name in STAGE_NAMES:
             x = getattr(self, name)(x)
+            if name == "maxpool" and self.folded_impl == "native" and self.folded:
+                conv, bias = self.conv1.layers[:2]
+                x = ops.folded_stem_native(image, conv.kernel[...], bias.bias[...], x)
             out[name] = x
         out["fc"] = self.fc(x.mean(axis=(1, 2)))
         return out

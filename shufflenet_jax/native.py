@@ -37,6 +37,7 @@ _TARGETS = {  # FFI target name: C++ handler symbol
     "shufflenet_channel_moments": "ShufflenetChannelMoments",
     "shufflenet_batch_norm_grad_sums": "ShufflenetBatchNormGradSums",
     "shufflenet_stage": "ShufflenetStage",
+    "shufflenet_stem_pool": "ShufflenetStemPool",
 }
 
 
@@ -227,3 +228,17 @@ def shuffle_stage(x: Array, units: list[tuple[Array, ...]]) -> Array:
         h, w, c = (h - 1) // stride + 1, (w - 1) // stride + 1, 2 * half
     weights = [a for unit in units for a in unit]
     return _call("shufflenet_stage", (n, h, w, c), x, *weights, first_stride=first_stride)
+
+
+def stem_pool(x: Array, kernel: Array, bias: Array) -> Array:
+    """max_pool_3x3_s2(relu(conv_3x3_s2(x, kernel) + bias)) on the CPU, both padded by 1: the
+    ShuffleNet V2 stem with BatchNorm folded. x float32 NHWC, kernel HWIO (3, 3, C_in, C_out)."""
+    _check_float32("stem_pool", x, kernel, bias)
+    if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[3:]:
+        raise ValueError(
+            f"stem_pool: x {x.shape} (NHWC), kernel {kernel.shape} (3, 3, C_in, C_out) and "
+            f"bias {bias.shape} do not match"
+        )
+    n, h, w, _ = x.shape
+    shape = (n, (h - 1) // 2 // 2 + 1, (w - 1) // 2 // 2 + 1, kernel.shape[3])
+    return _call("shufflenet_stem_pool", shape, x, kernel.reshape(-1, kernel.shape[3]), bias)

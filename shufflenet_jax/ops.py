@@ -158,6 +158,14 @@ def folded_stage_native(x: Array, units: list[tuple[Array, ...]], reference: Arr
     return _on_cpu(kernel, reference, x, *flat)
 
 
+def folded_stem_native(x: Array, kernel: Array, bias: Array, reference: Array) -> Array:
+    """`native.stem_pool(x, kernel, bias)` when compiling for the CPU in float32 with the C++
+    kernels built; otherwise `reference`, the same stem and max-pool computed by XLA."""
+    if not _native_usable(x, kernel, bias):
+        return reference
+    return _on_cpu(native.stem_pool, reference, x, kernel, bias)
+
+
 def _grads_with_cpu_kernel_grad(
     xla_fn: Callable[[Array, Array], Array],
     kernel_grad: Callable[[Array, Array], Array],

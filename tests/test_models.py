@@ -201,9 +201,9 @@ def test_unknown_conv_implementation_is_rejected():
         ShuffleNetV2(0.5, depthwise_impl="fast", rngs=nnx.Rngs(0))
 
 
-def test_unknown_stage_implementation_is_rejected():
-    with pytest.raises(ValueError, match="unknown stage_impl 'fused'"):
-        ShuffleNetV2(0.5, stage_impl="fused", rngs=nnx.Rngs(0))
+def test_unknown_folded_implementation_is_rejected():
+    with pytest.raises(ValueError, match="unknown folded_impl 'fused'"):
+        ShuffleNetV2(0.5, folded_impl="fused", rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("shape", [(32, 32, 3), (1, 32, 32, 1), (1, 3, 32, 32), (1, 1, 32, 32, 3)])

@@ -200,13 +200,13 @@ def test_native_batch_norm_grad_sums_reject_mismatched_shapes():
         native.batch_norm_grad_sums(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4)), jnp.zeros(5))
 
 
-def _folded(width, stage_impl, seed=0):
+def _folded(width, folded_impl, seed=0):
     from shufflenet_jax.folding import fold_batchnorm
     from shufflenet_jax.models import abstract_model, with_values
     from tests.helpers import random_values
 
     values = random_values(abstract_model(width, 10), seed)
-    model = with_values(abstract_model(width, 10, stage_impl=stage_impl), values)
+    model = with_values(abstract_model(width, 10, folded_impl=folded_impl), values)
     model.eval()
     return fold_batchnorm(model)
 
@@ -216,7 +216,7 @@ def _folded(width, stage_impl, seed=0):
     "width, shape",
     [(0.5, (1, 64, 48, 3)), (1.0, (3, 40, 40, 3)), (1.5, (2, 35, 33, 3)), (2.0, (1, 33, 35, 3))],
 )
-def test_folded_stage_native_computes_the_layers_for_every_width(width, shape):
+def test_folded_native_stem_and_stages_compute_the_layers_for_every_width(width, shape):
     from flax import nnx
 
     x = jax.random.normal(jax.random.key(7), shape)
@@ -228,14 +228,15 @@ def test_folded_stage_native_computes_the_layers_for_every_width(width, shape):
         graphdef, state = nnx.split(_folded(width, impl))
         hlo = stages.lower(graphdef, state, x).as_text()
         assert hlo.count("shufflenet_stage") == (3 if impl == "native" else 0), impl
+        assert hlo.count("shufflenet_stem_pool") == (1 if impl == "native" else 0), impl
         out[impl] = stages(graphdef, state, x)
-    for name in ("stage2", "stage3", "stage4", "fc"):
+    for name in ("maxpool", "stage2", "stage3", "stage4", "fc"):
         want, got = np.asarray(out["layers"][name]), np.asarray(out["native"][name])
         err = np.max(np.abs(got - want))
         assert err <= 1e-5 * max(1.0, np.max(np.abs(want))), (name, err)
 
 
-def test_unfolded_stages_do_not_use_the_stage_kernel():
+def test_unfolded_models_do_not_use_the_stem_and_stage_kernels():
     from flax import nnx
 
     from shufflenet_jax.models import ShuffleNetV2
@@ -244,20 +245,22 @@ def test_unfolded_stages_do_not_use_the_stage_kernel():
     x = jnp.ones((2, 32, 32, 3))
     for mode in ("eval", "train"):
         getattr(model, mode)()
-        assert "shufflenet_stage" not in nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
+        hlo = nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
+        assert "shufflenet_stage" not in hlo and "shufflenet_stem_pool" not in hlo
 
 
-def test_folded_stage_lowers_without_the_cpu_kernel_for_other_backends():
+def test_folded_stem_and_stages_lower_without_the_cpu_kernels_for_other_backends():
     from flax import nnx
     from jax import export
 
     graphdef, state = nnx.split(_folded(0.5, "native"))
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    check = [export.DisabledSafetyCheck.custom_call("shufflenet_stage")]
+    names = ("shufflenet_stage", "shufflenet_stem_pool")
+    check = [export.DisabledSafetyCheck.custom_call(name) for name in names]
     args = state, jnp.ones((2, 32, 32, 3))
-    for platform, calls in [("cpu", 3), ("cuda", 0), ("tpu", 0)]:
+    for platform, calls in [("cpu", 4), ("cuda", 0), ("tpu", 0)]:
         module = export.export(forward, platforms=[platform], disabled_checks=check)(*args)
-        assert module.mlir_module().count("custom_call @shufflenet_stage") == calls, platform
+        assert module.mlir_module().count("custom_call @shufflenet") == calls, platform
 
 
 def _unit_weights(c_in, half, stride):
@@ -292,3 +295,17 @@ def test_shuffle_stage_rejects_other_dtypes():
     units = [tuple(w.astype(jnp.bfloat16) for w in _unit_weights(8, 12, 2))]
     with pytest.raises(ValueError, match="needs float32"):
         native.shuffle_stage(jnp.ones((1, 6, 6, 8)), units)
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape, bias_shape",
+    [
+        ((1, 8, 8, 3), (3, 3, 4, 24), (24,)),
+        ((1, 8, 8, 3), (5, 5, 3, 24), (24,)),
+        ((1, 8, 8, 3), (3, 3, 3, 24), (16,)),
+        ((8, 8, 3), (3, 3, 3, 24), (24,)),
+    ],
+)
+def test_stem_pool_rejects_mismatched_shapes(x_shape, kernel_shape, bias_shape):
+    with pytest.raises(ValueError, match="stem_pool: .* do not match"):
+        native.stem_pool(jnp.ones(x_shape), jnp.ones(kernel_shape), jnp.ones(bias_shape))

@@ -626,6 +626,76 @@ void StageInfer(ffi::ThreadPool& pool, const std::vector<Unit>& units, int64_t n
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Inference of the stem with BatchNorm folded: max_pool_3x3_s2(relu(conv_3x3_s2(x) + bias)),
+// both padded by 1. Each band of pooled rows computes the convolution rows it needs (one matmul
+// per row over the 3x3xC_in patches) and pools them while they are in the cache; XLA writes and
+// re-reads the 4x larger convolution output.
+
+// dst[col * k + t] = padded[2 * col * cin + t] for t < 3 * cin: one kernel row's inputs of
+// each output column of a stride-2 convolution (CIN > 0 fixes cin at compile time).
+template <int CIN = 0>
+void Patches(const float* padded, int64_t wc, float* dst, int64_t k, int64_t cin = CIN) {
+  const int64_t n = 3 * (CIN > 0 ? CIN : cin);
+  for (int64_t col = 0; col < wc; ++col) {
+    const float* src = padded + 2 * col * (CIN > 0 ? CIN : cin);
+    for (int64_t t = 0; t < n; ++t) dst[col * k + t] = src[t];
+  }
+}
+
+void StemRows(const float* image, int64_t h, int64_t w, int64_t cin, const Pointwise& conv,
+              int64_t cout, int64_t p0, int64_t p1, float* out) {
+  const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, wp = (wc - 1) / 2 + 1;
+  const int64_t k = 9 * cin, cp = RoundUp16(cout);
+  const int64_t c0 = std::max<int64_t>(0, 2 * p0 - 1), c1 = std::min<int64_t>(hc, 2 * p1);
+  thread_local std::vector<float> patch_buf, conv_buf, row_buf;
+  float* patches = Scratch(patch_buf, wc * k);
+  float* padded = Scratch(row_buf, (2 * wc + 1) * cin);  // an input row, zero at both ends
+  std::fill(padded, padded + cin, 0.0f);
+  std::fill(padded + (w + 1) * cin, padded + (2 * wc + 1) * cin, 0.0f);
+  float* rows = Scratch(conv_buf, (c1 - c0) * wc * cp);
+  for (int64_t r = c0; r < c1; ++r) {
+    for (int64_t i = 0; i < 3; ++i) {  // kernel row i: 3 * C_in contiguous inputs per column
+      const int64_t hi = 2 * r + i - 1;
+      float* dst = patches + 3 * i * cin;
+      if (hi < 0 || hi >= h) {
+        for (int64_t col = 0; col < wc; ++col) std::fill(dst + col * k, dst + col * k + 3 * cin, 0.0f);
+        continue;
+      }
+      std::copy(image + hi * w * cin, image + (hi + 1) * w * cin, padded + cin);
+      if (cin == 3) {
+        Patches<3>(padded, wc, dst, k);
+      } else {
+        Patches(padded, wc, dst, k, cin);
+      }
+    }
+    Matmul(patches, k, wc, k, conv.w.data(), cp, conv.b.data(), true,
+           Rows{rows + (r - c0) * wc * cp, cp});
+  }
+  // After the ReLU every value is >= 0, so windows simply skip the padding.
+  for (int64_t pr = p0; pr < p1; ++pr) {
+    const int64_t r0 = std::max<int64_t>(c0, 2 * pr - 1), r1 = std::min<int64_t>(c1, 2 * pr + 2);
+    for (int64_t pc = 0; pc < wp; ++pc) {
+      const int64_t q0 = std::max<int64_t>(0, 2 * pc - 1), q1 = std::min<int64_t>(wc, 2 * pc + 2);
+      float* dst = out + (pr * wp + pc) * cout;
+      for (int64_t c = 0; c < cp; c += 16) {
+        V16 m = Load(rows + ((r0 - c0) * wc + q0) * cp + c);
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t q = q0; q < q1; ++q) {
+            const V16 v = Load(rows + ((r - c0) * wc + q) * cp + c);
+            m = v > m ? v : m;
+          }
+        }
+        if (c + 16 <= cout) {
+          Store(dst + c, m);
+        } else {
+          for (int64_t i = c; i < cout; ++i) dst[i] = m[i - c];
+        }
+      }
+    }
+  }
+}
+
 #pragma GCC pop_options
 
 bool IsMatrix(ffi::AnyBuffer a, int64_t rows, int64_t cols) {
@@ -687,6 +757,32 @@ ffi::Error ShuffleStage(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rema
   return ffi::Error::Success();
 }
 
+// x (N, H, W, C_in); kernel (9 * C_in, C_out) from HWIO; bias (C_out).
+ffi::Error StemPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer kernel,
+                    ffi::AnyBuffer bias, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), od = out->dimensions();
+  if (xd.size() != 4 || od.size() != 4 || kernel.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("stem: x and out must be NHWC, the kernel a matrix");
+  }
+  const int64_t n = xd[0], h = xd[1], w = xd[2], cin = xd[3], cout = kernel.dimensions()[1];
+  const int64_t hp = ((h - 1) / 2) / 2 + 1, wp = ((w - 1) / 2) / 2 + 1;
+  if (!IsMatrix(kernel, 9 * cin, cout) || !IsVector(bias, cout) || od[0] != n || od[1] != hp ||
+      od[2] != wp || od[3] != cout) {
+    return ffi::Error::InvalidArgument("stem: kernel, bias or output shape does not match x");
+  }
+  const Pointwise conv(kernel, bias);
+  const int64_t band = 8;  // pooled rows per chunk: 17 convolution rows stay in the cache
+  const int64_t bands = (hp + band - 1) / band;
+  const float* xs = x.typed_data();
+  float* os = out->typed_data();
+  ParallelFor(pool, n * bands, [&](int64_t chunk) {
+    const int64_t i = chunk / bands, p0 = chunk % bands * band;
+    StemRows(xs + i * h * w * cin, h, w, cin, conv, cout, p0, std::min(hp, p0 + band),
+             os + i * hp * wp * cout);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Both kernel gradients take (x, g) and the stride, and return the gradient buffer.
@@ -723,3 +819,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetStage, ShuffleStage,
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("first_stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetStemPool, StemPool,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
