@@ -1,7 +1,7 @@
 """Side-by-side throughput of ShuffleNet V2: JAX (this package) against torchvision, same process.
 
     python benchmarks/throughput.py [--widths 1.0] [--batches 1 32] [--repeats 5]
-        [--torch-compile] [--no-fold-bn] [--json OUT]
+        [--torch-compile] [--no-fold-bn] [--folded_impl layers] [--json OUT]
     python benchmarks/throughput.py --fake-data [--fake-dtype bfloat16] --batches 256
 
 For each width and batch size it measures, alternating the frameworks round by round after a
@@ -324,6 +324,7 @@ def main() -> None:
     p.add_argument("--dense_impl", default=None)
     p.add_argument("--depthwise_impl", default=None)
     p.add_argument("--pointwise_impl", default=None)
+    p.add_argument("--folded_impl", default=None, help="layers or native (the default)")
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     p.add_argument(
         "--no-fold-bn",
@@ -394,6 +395,7 @@ def main() -> None:
             ("dense_impl", args.dense_impl),
             ("depthwise_impl", args.depthwise_impl),
             ("pointwise_impl", args.pointwise_impl),
+            ("folded_impl", args.folded_impl),
         )
         if v
     }
