@@ -38,6 +38,7 @@ _TARGETS = {  # FFI target name: C++ handler symbol
     "shufflenet_batch_norm_grad_sums": "ShufflenetBatchNormGradSums",
     "shufflenet_stage": "ShufflenetStage",
     "shufflenet_stem_pool": "ShufflenetStemPool",
+    "shufflenet_stem_conv": "ShufflenetStemConv",
 }
 
 
@@ -242,3 +243,17 @@ def stem_pool(x: Array, kernel: Array, bias: Array) -> Array:
     n, h, w, _ = x.shape
     shape = (n, (h - 1) // 2 // 2 + 1, (w - 1) // 2 // 2 + 1, kernel.shape[3])
     return _call("shufflenet_stem_pool", shape, x, kernel.reshape(-1, kernel.shape[3]), bias)
+
+
+def stem_conv(x: Array, kernel: Array) -> Array:
+    """conv_3x3_s2(x, kernel), padded by 1, on the CPU: the stem's convolution (training forward
+    pass). x float32 NHWC, kernel HWIO (3, 3, C_in, C_out)."""
+    _check_float32("stem_conv", x, kernel)
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
+        raise ValueError(
+            f"stem_conv: x {x.shape} (NHWC) and kernel {kernel.shape} (3, 3, C_in, C_out) "
+            "do not match"
+        )
+    n, h, w, _ = x.shape
+    shape = (n, (h - 1) // 2 + 1, (w - 1) // 2 + 1, kernel.shape[3])
+    return _call("shufflenet_stem_conv", shape, x, kernel.reshape(-1, kernel.shape[3]))

@@ -184,8 +184,9 @@ def _grads_with_cpu_kernel_grad(
 
 
 def conv_native(x: Array, kernel: Array, stride: int) -> Array:
-    """Dense convolution for the 3-channel stem: `conv_taps` forward and, on the CPU in float32,
-    a C++ kernel gradient (XLA writes and multiplies im2col's stacked windows).
+    """Dense convolution for the 3-channel stem: on the CPU in float32, a C++ forward pass for
+    3x3 stride 2 (`native.stem_conv`; `conv_taps` for other shapes) and a C++ kernel gradient
+    (XLA writes and multiplies im2col's stacked windows).
 
     Its input gradient (never needed for images) is im2col's. Other dtypes and backends, and
     kernels with more than 64 outputs, use `conv_im2col` throughout (not `conv_taps`: its fused
@@ -204,7 +205,10 @@ def _stem_native(x: Array, kernel: Array) -> bool:
 def _conv_native(x: Array, kernel: Array, stride: int) -> Array:
     y = conv_im2col(x, kernel, stride)
     if _stem_native(x, kernel):
-        y = _on_cpu(lambda x, k: conv_taps(x, k, stride), y, x, kernel)
+        if kernel.shape[:2] == (3, 3) and stride == 2:
+            y = _on_cpu(native.stem_conv, y, x, kernel)
+        else:
+            y = _on_cpu(lambda x, k: conv_taps(x, k, stride), y, x, kernel)
     return y
 
 

@@ -84,6 +84,33 @@ def test_conv_native_gradient_uses_the_cpu_kernel_instead_of_im2col():
     assert "concatenate" not in hlo  # im2col's stacked windows are gone
 
 
+@pytest.mark.parametrize("shape", [(4, 33, 36, 3), (1, 1, 1, 3), (2, 8, 9, 5)])
+def test_native_stem_conv_matches_lax_conv(shape):
+    kx, kk = jax.random.split(jax.random.key(8))
+    x = jax.random.normal(kx, shape)
+    kernel = jax.random.normal(kk, (3, 3, shape[-1], 24))
+    got = jax.jit(native.stem_conv)(x, kernel)
+    want = jax.jit(lambda x, k: ops.conv_lax(x, k, 2))(x, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_conv_native_forward_uses_the_cpu_stem_conv_at_stride_two_only():
+    x, kernel = jnp.ones((2, 16, 16, 3)), jnp.ones((3, 3, 3, 24))
+    for stride, calls in [(2, 1), (1, 0)]:
+        conv = jax.jit(ops.conv_native, static_argnums=2)
+        hlo = conv.lower(x, kernel, stride).as_text()
+        assert hlo.count("shufflenet_stem_conv") == calls, stride
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape",
+    [((1, 8, 8, 3), (3, 3, 4, 24)), ((1, 8, 8, 3), (5, 5, 3, 24)), ((8, 8, 3), (3, 3, 3, 24))],
+)
+def test_native_stem_conv_rejects_mismatched_shapes(x_shape, kernel_shape):
+    with pytest.raises(ValueError, match="stem_conv: .* do not match"):
+        native.stem_conv(jnp.ones(x_shape), jnp.ones(kernel_shape))
+
+
 @pytest.mark.parametrize(
     "kernel_shape, stride, message",
     [((3, 3, 4, 24), 2, "not NHWC with the kernel's 4 channels"), ((3, 3, 3, 65), 2, "1 to 64")],
@@ -150,14 +177,14 @@ def test_native_impls_lower_without_the_cpu_kernels_for_other_backends():
 
     args = jnp.ones((3, 3, 3, 24)), jnp.ones((3, 3, 1, 3)), jnp.ones((2, 16, 16, 3))
     grads = jax.jit(jax.grad(lambda *a: jnp.sum(_stem_then_depthwise(*a) ** 2), argnums=(0, 1)))
-    targets = ("shufflenet_depthwise_kernel_grad", "shufflenet_dense_kernel_grad")
-    checks = [export.DisabledSafetyCheck.custom_call(t) for t in targets]
-    for platform, calls in [("cpu", 2), ("cuda", 0), ("tpu", 0)]:
+    targets = ("depthwise_kernel_grad", "dense_kernel_grad", "stem_conv")
+    checks = [export.DisabledSafetyCheck.custom_call(f"shufflenet_{t}") for t in targets]
+    forward = jax.jit(_stem_then_depthwise)
+    for platform, calls, forward_calls in [("cpu", 3, 1), ("cuda", 0, 0), ("tpu", 0, 0)]:
         module = export.export(grads, platforms=[platform], disabled_checks=checks)(*args)
         assert module.mlir_module().count("custom_call @shufflenet") == calls, platform
-    # the forward pass has no custom call anywhere: inference exports as plain StableHLO
-    forward = export.export(jax.jit(_stem_then_depthwise), platforms=["cpu", "cuda"])(*args)
-    assert "custom_call @shufflenet" not in forward.mlir_module()
+        module = export.export(forward, platforms=[platform], disabled_checks=checks)(*args)
+        assert module.mlir_module().count("custom_call @shufflenet") == forward_calls, platform
 
 
 # Small maps, and the stem's size (many float32 blocks of rows per chunk).

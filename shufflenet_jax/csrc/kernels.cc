@@ -477,6 +477,8 @@ const float* Floats(const ffi::AnyBuffer& a) { return static_cast<const float*>(
 struct Pointwise {  // a 1x1 convolution (C_in, C_out) with bias, columns padded to 16s
   std::vector<float> w, b;
   int64_t k;
+  Pointwise(std::vector<float> w_, std::vector<float> b_, int64_t k_)
+      : w(std::move(w_)), b(std::move(b_)), k(k_) {}
   Pointwise(const ffi::AnyBuffer& w_, const ffi::AnyBuffer& b_)
       : w(PadColumns(Floats(w_), w_.dimensions()[0], w_.dimensions()[1])),
         b(PadColumns(Floats(b_), 1, w_.dimensions()[1])),
@@ -627,7 +629,9 @@ void StageInfer(ffi::ThreadPool& pool, const std::vector<Unit>& units, int64_t n
 }
 
 // ---------------------------------------------------------------------------------------------
-// Inference of the stem with BatchNorm folded: max_pool_3x3_s2(relu(conv_3x3_s2(x) + bias)),
+// The stem's 3x3 stride-2 convolution (the training forward pass, patches of each row through the
+// matmul kernel instead of XLA's 27 multiply-adds over a padded copy of the input) and, for
+// inference with BatchNorm folded, max_pool_3x3_s2(relu(conv_3x3_s2(x) + bias)),
 // both padded by 1. Each band of pooled rows computes the convolution rows it needs (one matmul
 // per row over the 3x3xC_in patches) and pools them while they are in the cache; XLA writes and
 // re-reads the 4x larger convolution output.
@@ -643,17 +647,15 @@ void Patches(const float* padded, int64_t wc, float* dst, int64_t k, int64_t cin
   }
 }
 
-void StemRows(const float* image, int64_t h, int64_t w, int64_t cin, const Pointwise& conv,
-              int64_t cout, int64_t p0, int64_t p1, float* out) {
-  const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, wp = (wc - 1) / 2 + 1;
-  const int64_t k = 9 * cin, cp = RoundUp16(cout);
-  const int64_t c0 = std::max<int64_t>(0, 2 * p0 - 1), c1 = std::min<int64_t>(hc, 2 * p1);
-  thread_local std::vector<float> patch_buf, conv_buf, row_buf;
+// Rows [c0, c1) of act(conv_3x3_s2(image) + bias) (padding 1) into rows, (c1 - c0, wc, cp).
+void ConvRows(const float* image, int64_t h, int64_t w, int64_t cin, const Pointwise& conv,
+              bool relu, int64_t c0, int64_t c1, float* rows) {
+  const int64_t wc = (w - 1) / 2 + 1, k = 9 * cin, cp = conv.w.size() / k;
+  thread_local std::vector<float> patch_buf, row_buf;
   float* patches = Scratch(patch_buf, wc * k);
   float* padded = Scratch(row_buf, (2 * wc + 1) * cin);  // an input row, zero at both ends
   std::fill(padded, padded + cin, 0.0f);
   std::fill(padded + (w + 1) * cin, padded + (2 * wc + 1) * cin, 0.0f);
-  float* rows = Scratch(conv_buf, (c1 - c0) * wc * cp);
   for (int64_t r = c0; r < c1; ++r) {
     for (int64_t i = 0; i < 3; ++i) {  // kernel row i: 3 * C_in contiguous inputs per column
       const int64_t hi = 2 * r + i - 1;
@@ -669,9 +671,20 @@ void StemRows(const float* image, int64_t h, int64_t w, int64_t cin, const Point
         Patches(padded, wc, dst, k, cin);
       }
     }
-    Matmul(patches, k, wc, k, conv.w.data(), cp, conv.b.data(), true,
+    Matmul(patches, k, wc, k, conv.w.data(), cp, conv.b.data(), relu,
            Rows{rows + (r - c0) * wc * cp, cp});
   }
+}
+
+// Pooled rows [p0, p1) of one image of the folded stem: max_pool_3x3_s2(relu(conv + bias)).
+void StemRows(const float* image, int64_t h, int64_t w, int64_t cin, const Pointwise& conv,
+              int64_t cout, int64_t p0, int64_t p1, float* out) {
+  const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, wp = (wc - 1) / 2 + 1;
+  const int64_t cp = RoundUp16(cout);
+  const int64_t c0 = std::max<int64_t>(0, 2 * p0 - 1), c1 = std::min<int64_t>(hc, 2 * p1);
+  thread_local std::vector<float> conv_buf;
+  float* rows = Scratch(conv_buf, (c1 - c0) * wc * cp);
+  ConvRows(image, h, w, cin, conv, true, c0, c1, rows);
   // After the ReLU every value is >= 0, so windows simply skip the padding.
   for (int64_t pr = p0; pr < p1; ++pr) {
     const int64_t r0 = std::max<int64_t>(c0, 2 * pr - 1), r1 = std::min<int64_t>(c1, 2 * pr + 2);
@@ -783,6 +796,39 @@ ffi::Error StemPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
+// x (N, H, W, C_in); kernel (9 * C_in, C_out) from HWIO; out (N, Hc, Wc, C_out).
+ffi::Error StemConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer kernel,
+                    ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), od = out->dimensions();
+  if (xd.size() != 4 || od.size() != 4 || kernel.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("stem conv: x and out must be NHWC, the kernel a matrix");
+  }
+  const int64_t n = xd[0], h = xd[1], w = xd[2], cin = xd[3], cout = kernel.dimensions()[1];
+  const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, cp = RoundUp16(cout);
+  if (!IsMatrix(kernel, 9 * cin, cout) || od[0] != n || od[1] != hc || od[2] != wc ||
+      od[3] != cout) {
+    return ffi::Error::InvalidArgument("stem conv: kernel or output shape does not match x");
+  }
+  const std::vector<float> zeros(cout, 0.0f);
+  const Pointwise conv(PadColumns(Floats(kernel), 9 * cin, cout), PadColumns(zeros.data(), 1, cout),
+                       9 * cin);
+  const int64_t band = 16;
+  const int64_t bands = (hc + band - 1) / band;
+  const float* xs = x.typed_data();
+  float* os = out->typed_data();
+  ParallelFor(pool, n * bands, [&](int64_t chunk) {
+    const int64_t i = chunk / bands, c0 = chunk % bands * band, c1 = std::min(hc, c0 + band);
+    thread_local std::vector<float> conv_buf;
+    float* rows = Scratch(conv_buf, (c1 - c0) * wc * cp);
+    ConvRows(xs + i * h * w * cin, h, w, cin, conv, false, c0, c1, rows);
+    float* dst = os + (i * hc + c0) * wc * cout;
+    for (int64_t p = 0; p < (c1 - c0) * wc; ++p) {
+      std::copy(rows + p * cp, rows + p * cp + cout, dst + p * cout);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Both kernel gradients take (x, g) and the stride, and return the gradient buffer.
@@ -824,5 +870,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetStemPool, StemPool,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetStemConv, StemConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
