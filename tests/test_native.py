@@ -282,12 +282,16 @@ def test_folded_stem_and_stages_lower_without_the_cpu_kernels_for_other_backends
 
     graphdef, state = nnx.split(_folded(0.5, "native"))
     forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    names = ("shufflenet_stage", "shufflenet_stem_pool")
+    names = ("shufflenet_stage", "shufflenet_stem_pool", "shufflenet_stem_conv")
     check = [export.DisabledSafetyCheck.custom_call(name) for name in names]
     args = state, jnp.ones((2, 32, 32, 3))
-    for platform, calls in [("cpu", 4), ("cuda", 0), ("tpu", 0)]:
-        module = export.export(forward, platforms=[platform], disabled_checks=check)(*args)
-        assert module.mlir_module().count("custom_call @shufflenet") == calls, platform
+    for platform, stages, stems in [("cpu", 3, 1), ("cuda", 0, 0), ("tpu", 0, 0)]:
+        text = export.export(forward, platforms=[platform], disabled_checks=check)(*args)
+        text = text.mlir_module()
+        assert text.count("custom_call @shufflenet_stage") == stages, platform
+        assert text.count("custom_call @shufflenet_stem_pool") == stems, platform
+        if platform != "cpu":
+            assert "custom_call @shufflenet" not in text, platform
 
 
 def _unit_weights(c_in, half, stride):
