@@ -286,8 +286,8 @@ def test_folded_stem_and_stages_lower_without_the_cpu_kernels_for_other_backends
     check = [export.DisabledSafetyCheck.custom_call(name) for name in names]
     args = state, jnp.ones((2, 32, 32, 3))
     for platform, stages, stems in [("cpu", 3, 1), ("cuda", 0, 0), ("tpu", 0, 0)]:
-        text = export.export(forward, platforms=[platform], disabled_checks=check)(*args)
-        text = text.mlir_module()
+        exported = export.export(forward, platforms=[platform], disabled_checks=check)(*args)
+        text = exported.mlir_module()
         assert text.count("custom_call @shufflenet_stage") == stages, platform
         assert text.count("custom_call @shufflenet_stem_pool") == stems, platform
         if platform != "cpu":
