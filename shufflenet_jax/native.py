@@ -2,11 +2,12 @@
 
 XLA:CPU computes the depthwise kernel gradient as nine reductions over materialized shifted
 windows, the 3-channel stem's kernel gradient through stacked windows, and BatchNorm's
-per-channel sums as one reduction each; the C++ kernels read their inputs once
-(docs/performance.md). The library is compiled with `$CXX` (default
-`g++`) for this machine into `$SHUFFLENET_JAX_CACHE` (default `~/.cache/shufflenet_jax`),
-keyed by the source, the jaxlib version, the flags and the CPU model, so later processes load it
-as built.
+per-channel sums as one reduction each; the C++ kernels read their inputs once. For inference
+with BatchNorm folded, the stem with its max-pool and each stage of units run as one call,
+keeping each image's activations in the cache between layers (docs/performance.md).
+The library is compiled with `$CXX` (default `g++`) for this machine into
+`$SHUFFLENET_JAX_CACHE` (default `~/.cache/shufflenet_jax`), keyed by the source, the jaxlib
+version, the flags and the CPU model, so later processes load it as built.
 """
 
 from __future__ import annotations

@@ -9,13 +9,16 @@
 // - BatchNorm's per-channel sums over N, H, W in one pass, where XLA runs one reduction each:
 //     forward:  mean[c] and biased variance[c] of x
 //     backward: sum[c] of g and sum[c] of g * (x - mean)
+// - the stem's 3x3 stride-2 convolution (forward), and inference with BatchNorm folded: the stem
+//   with its max-pool, and whole stages of ShuffleNet V2 units, each image band through all of
+//   a unit's (or a stage's) layers while it is in the cache, where XLA makes a pass over memory
+//   per layer; their 1x1 convolutions through one register-blocked matmul kernel.
 //
 // Gradients are summed per output row in float32 (BatchNorm's sums per block of 128 rows of C
 // channels), rows or blocks into double accumulators (one set per chunk of the batch), and the
 // chunks in a fixed order: the result does not depend on threads.
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -344,7 +347,8 @@ ffi::Error BatchNormGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Inference of a whole ShuffleNet V2 unit with BatchNorm folded (convolutions with biases):
+// Inference of ShuffleNet V2 units with BatchNorm folded (convolutions with biases), a stage at
+// a time:
 //   stride 1: out = shuffle(concat(x[..., :h], relu(pw2(dw(relu(pw1(x[..., h:])))))))
 //   stride 2: out = shuffle(concat(relu(pw3(dw1(x))), relu(pw2(dw(relu(pw1(x)))))))
 // where pw* are 1x1 convolutions plus bias, dw* 3x3 depthwise convolutions (stride 1 or 2,
