@@ -206,14 +206,18 @@ def assert_same_update(start, ours, reference, rtol=1e-3, atol=1e-7):
     """`ours` and `reference` moved from `start` by the same step, to a fraction of its size.
 
     Float32 results of differently-partitioned reductions differ by rounding; relative to the
-    update the parameters agree. (Over several steps the rounding grows chaotically: some
-    BatchNorm channels of this tiny-image net see almost no variance, so their normalization
-    amplifies it. The float64 test below checks several steps.)"""
+    update the parameters agree. Each new parameter is itself rounded to float32, so two
+    updates that differ by rounding may land on neighbouring floats: one float32 spacing of
+    the parameter is allowed on top (at 1.0 that is 1.2e-7, more than atol; a BatchNorm scale
+    near 1 with an update of 1e-5 showed exactly that). (Over several steps the rounding grows
+    chaotically: some BatchNorm channels of this tiny-image net see almost no variance, so
+    their normalization amplifies it. The float64 test below checks several steps.)"""
     for p0, a, b in zip(
         jax.tree.leaves(start), jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True
     ):
+        spacing = np.spacing(np.abs(np.asarray(b))).astype(np.float64)
         p0, a, b = (np.asarray(x, np.float64) for x in (p0, a, b))
-        assert np.abs(a - b).max() <= rtol * np.abs(b - p0).max() + atol
+        assert np.all(np.abs(a - b) <= rtol * np.abs(b - p0).max() + atol + spacing)
 
 
 def test_one_and_eight_devices_give_the_same_step(digits_data_dir, tmp_path):
