@@ -481,12 +481,10 @@ const float* Floats(const ffi::AnyBuffer& a) { return static_cast<const float*>(
 struct Pointwise {  // a 1x1 convolution (C_in, C_out) with bias, columns padded to 16s
   std::vector<float> w, b;
   int64_t k;
-  Pointwise(std::vector<float> w_, std::vector<float> b_, int64_t k_)
-      : w(std::move(w_)), b(std::move(b_)), k(k_) {}
+  Pointwise(const float* w_, const float* b_, int64_t k_, int64_t n)
+      : w(PadColumns(w_, k_, n)), b(PadColumns(b_, 1, n)), k(k_) {}
   Pointwise(const ffi::AnyBuffer& w_, const ffi::AnyBuffer& b_)
-      : w(PadColumns(Floats(w_), w_.dimensions()[0], w_.dimensions()[1])),
-        b(PadColumns(Floats(b_), 1, w_.dimensions()[1])),
-        k(w_.dimensions()[0]) {}
+      : Pointwise(Floats(w_), Floats(b_), w_.dimensions()[0], w_.dimensions()[1]) {}
 };
 
 struct DepthwiseWeights {  // a (9, C) kernel and its bias, channels padded to 16s
@@ -496,7 +494,7 @@ struct DepthwiseWeights {  // a (9, C) kernel and its bias, channels padded to 1
 };
 
 struct UnitShape {
-  int64_t n, h, w, c;  // input
+  int64_t h, w, c;     // input image
   int64_t s, ho, wo;   // stride, output rows and columns
   int64_t half;        // output channels of each branch
 };
@@ -756,7 +754,7 @@ ffi::Error ShuffleStage(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rema
                     !IsVector(a[9], half)))) {
       return ffi::Error::InvalidArgument("shuffle stage: weight shapes do not match the input");
     }
-    UnitShape u{xd[0], h, w, c, s, (h - 1) / s + 1, (w - 1) / s + 1, half};
+    UnitShape u{h, w, c, s, (h - 1) / s + 1, (w - 1) / s + 1, half};
     units.push_back(Unit{u, Pointwise(a[0], a[1]), DepthwiseWeights(a[2], a[3]),
                          Pointwise(a[4], a[5]), std::nullopt, std::nullopt});
     if (s == 2) {
@@ -814,8 +812,7 @@ ffi::Error StemConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
     return ffi::Error::InvalidArgument("stem conv: kernel or output shape does not match x");
   }
   const std::vector<float> zeros(cout, 0.0f);
-  const Pointwise conv(PadColumns(Floats(kernel), 9 * cin, cout), PadColumns(zeros.data(), 1, cout),
-                       9 * cin);
+  const Pointwise conv(Floats(kernel), zeros.data(), 9 * cin, cout);
   const int64_t band = 16;
   const int64_t bands = (hc + band - 1) / band;
   const float* xs = x.typed_data();
