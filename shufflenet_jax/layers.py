@@ -106,9 +106,10 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         if self.use_running_average:
+            # in the accumulation dtype, so scale's and bias's gradients sum in it
+            xf = x.astype(ops.accumulation_dtype(x.dtype))
             inv = jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
-            dt = x.dtype
-            return (x - self.mean[...].astype(dt)) * inv.astype(dt) + self.bias[...].astype(dt)
+            return ((xf - self.mean[...]) * inv + self.bias[...]).astype(x.dtype)
         y, mean, var = ops.batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
         mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         n = x.shape[0] * x.shape[1] * x.shape[2]
@@ -133,4 +134,4 @@ class Bias(nnx.Module):
         self.bias = nnx.Param(jnp.asarray(bias))
 
     def __call__(self, x: Array) -> Array:
-        return x + self.bias[...].astype(x.dtype)
+        return (x.astype(ops.accumulation_dtype(x.dtype)) + self.bias[...]).astype(x.dtype)

@@ -253,7 +253,7 @@ class ShuffleNetV2(nnx.Module):
                 conv, bias = self.conv1.layers[:2]
                 x = ops.folded_stem_native(image, conv.kernel[...], bias.bias[...], x)
             out[name] = x
-        out["fc"] = self.fc(x.mean(axis=(1, 2)))
+        out["fc"] = self.fc(ops.global_average_pool(x))
         return out
 
     def __call__(self, x: Array) -> Array:

@@ -2,6 +2,8 @@
 
 All functions take and return NHWC arrays. Each convolution kind has several implementations that
 compute the same function; they differ only in how XLA compiles them (see docs/performance.md).
+In bfloat16 or float16 every sum, forward and in the gradients, accumulates in float32 and
+rounds once (`accumulation_dtype`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from shufflenet_jax import native
 
 Array = jax.Array
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype sums over `dtype` values accumulate in: float32, or float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 @partial(jax.jit, static_argnames="groups")
@@ -63,7 +70,8 @@ def conv_lax(x: Array, kernel: Array, stride: int, groups: int = 1) -> Array:
         padding=((pad, pad), (pad, pad)),
         dimension_numbers=_NHWC,
         feature_group_count=groups,
-    )
+        preferred_element_type=accumulation_dtype(x.dtype),
+    ).astype(x.dtype)
 
 
 def _windows(x: Array, kh: int, kw: int, stride: int, pad_value: float = 0.0) -> list[Array]:
@@ -108,13 +116,14 @@ def conv_taps(x: Array, kernel: Array, stride: int) -> Array:
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_taps(x: Array, kernel: Array, stride: int) -> Array:
     kh, kw, cin, _ = kernel.shape
-    k = kernel.astype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
+    k = kernel.astype(x.dtype).astype(acc)
     out = None
-    for t, window in enumerate(_windows(x, kh, kw, stride)):
+    for t, window in enumerate(_windows(x.astype(acc), kh, kw, stride)):
         for c in range(cin):
             term = window[..., c : c + 1] * k[t // kw, t % kw, c]
             out = term if out is None else out + term
-    return out
+    return out.astype(x.dtype)
 
 
 def _conv_taps_fwd(x: Array, kernel: Array, stride: int) -> tuple[Array, tuple[Array, Array]]:
@@ -243,12 +252,13 @@ def depthwise_shifted(x: Array, kernel: Array, stride: int) -> Array:
     than the grouped convolution (../shared/reference/cpu_measurements.md).
     """
     kh, kw = kernel.shape[:2]
-    k = kernel.astype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
+    k = kernel.astype(x.dtype).astype(acc)
     out = None
-    for t, window in enumerate(_windows(x, kh, kw, stride)):
+    for t, window in enumerate(_windows(x.astype(acc), kh, kw, stride)):
         term = window * k[t // kw, t % kw, 0]
         out = term if out is None else out + term
-    return out
+    return out.astype(x.dtype)
 
 
 def depthwise_native(x: Array, kernel: Array, stride: int) -> Array:
@@ -293,7 +303,9 @@ def pointwise_lax(x: Array, kernel: Array) -> Array:
 def _matmul_channels(x: Array, w: Array) -> Array:
     """(N, H, W, C) x (C, D) as one 2-D matmul over N*H*W rows (and 2-D matmuls in its gradient)."""
     n, h, w_, c = x.shape
-    return (x.reshape(n * h * w_, c) @ w.astype(x.dtype)).reshape(n, h, w_, w.shape[1])
+    acc = accumulation_dtype(x.dtype)
+    y = jnp.matmul(x.reshape(n * h * w_, c), w.astype(x.dtype), preferred_element_type=acc)
+    return y.astype(x.dtype).reshape(n, h, w_, w.shape[1])
 
 
 def pointwise_dot(x: Array, kernel: Array) -> Array:
@@ -303,7 +315,9 @@ def pointwise_dot(x: Array, kernel: Array) -> Array:
 
 def pointwise_einsum(x: Array, kernel: Array) -> Array:
     """1x1 convolution as a 4-D einsum over the channels."""
-    return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0].astype(x.dtype))
+    acc = accumulation_dtype(x.dtype)
+    k = kernel[0, 0].astype(x.dtype)
+    return jnp.einsum("nhwc,cd->nhwd", x, k, preferred_element_type=acc).astype(x.dtype)
 
 
 DEPTHWISE_IMPLS: dict[str, Callable[[Array, Array, int], Array]] = {
@@ -327,14 +341,13 @@ POINTWISE_IMPLS: dict[str, Callable[[Array, Array], Array]] = {
 def _batch_norm(x: Array, scale: Array, bias: Array, eps: float):
     """(y, mean, var, 1/sqrt(var + eps)): batch statistics over N, H, W in two passes (one C++
     pass on the CPU in float32), then the normalized, scaled and shifted x."""
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32, or float64 if x is
+    xf = x.astype(accumulation_dtype(x.dtype))
     mean = xf.mean(axis=(0, 1, 2))
     var = jnp.square(xf - mean).mean(axis=(0, 1, 2))
     if x.size and _native_usable(x):
         mean, var = _on_cpu(native.channel_moments, (mean, var), x)
     inv = lax.rsqrt(var + eps)
-    dt = x.dtype
-    y = (x - mean.astype(dt)) * (inv * scale).astype(dt) + bias.astype(dt)
+    y = ((xf - mean) * (inv * scale) + bias).astype(x.dtype)
     return y, mean, var, inv
 
 
@@ -396,14 +409,23 @@ def _max_pool_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
 
 def _max_pool_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array]:
     x, out = res
-    views, to_input = jax.vjp(lambda x: _windows(x, 3, 3, 2, pad_value=-jnp.inf), x)
+    # overlapping windows add up to four gradients per input: in the accumulation dtype
+    acc = accumulation_dtype(x.dtype)
+    views, to_input = jax.vjp(lambda x: _windows(x.astype(acc), 3, 3, 2, -jnp.inf), x)
     taken = jnp.zeros(out.shape, bool)
     routed = []
+    g = g.astype(acc)
     for v in views:
-        hit = (v == out) & ~taken
+        hit = (v == out.astype(acc)) & ~taken
         taken = taken | hit
         routed.append(jnp.where(hit, g, jnp.zeros_like(g)))
     return to_input(routed)
+
+
+def global_average_pool(x: Array) -> Array:
+    """Mean over H and W of NHWC x, in the accumulation dtype (float32 for bfloat16 x), so the
+    classifier after it runs at that precision too."""
+    return x.astype(accumulation_dtype(x.dtype)).mean(axis=(1, 2))
 
 
 max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
