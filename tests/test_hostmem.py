@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 # Runs a jitted function whose 132 MB temporary buffer XLA:CPU allocates per call, and reports
-# the page faults of later calls against the buffer's size in pages.
+# the page faults of each later call against the buffer's size in pages.
 _PROBE = """
 import json, resource, sys
 from shufflenet_jax.hostmem import reuse_freed_host_memory
@@ -14,13 +16,12 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.cumsum(jnp.cumsum(2.0 * x, axis=0)[::-1], axis=1).sum())
 x = jnp.ones((4096, 4096), jnp.float32)
 temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
-for _ in range(15):
+faults = []
+for _ in range(25):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    f(x).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-print(json.dumps({"applied": applied, "temp_pages": temp / 4096, "faults_per_call": faults}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "temp_pages": temp / 4096, "faults": faults[5:]}))
 """
 
 
@@ -36,5 +37,9 @@ def test_reused_host_memory_stops_per_call_page_faults():
     assert reuse["applied"] is True  # the test machines run glibc
     assert reuse["temp_pages"] > 30_000
     # glibc's default maps the buffer afresh each call, so every page faults again.
-    assert default["faults_per_call"] > 0.9 * default["temp_pages"]
-    assert reuse["faults_per_call"] < 0.02 * reuse["temp_pages"]
+    assert np.median(default["faults"]) > 0.9 * default["temp_pages"]
+    # Reused, a typical call faults no page. Now and then (seen: one call in 20-30 on an AMD
+    # EPYC, which made a mean over 5 calls fail) one call faults up to a buffer's pages once,
+    # where the heap grows to hold the buffer elsewhere: the median and the total allow it.
+    assert np.median(reuse["faults"]) < 0.02 * reuse["temp_pages"]
+    assert sum(reuse["faults"]) < 0.25 * sum(default["faults"])
