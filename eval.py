@@ -13,7 +13,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from shufflenet_jax import evaluation, input_pipeline
-from shufflenet_jax.hostmem import reuse_freed_host_memory
+from shufflenet_jax.hostmem import setup_process
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The model and data config.", lock_config=False)
@@ -41,7 +41,7 @@ def _table(results: dict) -> str:
 
 def main(argv):
     del argv
-    reuse_freed_host_memory()
+    print(setup_process())
     if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     config = FLAGS.config

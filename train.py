@@ -14,7 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from shufflenet_jax import training
-from shufflenet_jax.hostmem import reuse_freed_host_memory
+from shufflenet_jax.hostmem import setup_process
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -35,7 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    reuse_freed_host_memory()
+    print(setup_process())
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     if FLAGS.coordinator_address:

@@ -28,7 +28,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import JaxCase  # noqa: E402
 
-from shufflenet_jax.hostmem import reuse_freed_host_memory  # noqa: E402
+from shufflenet_jax.hostmem import setup_process  # noqa: E402
 
 _NOT_OPS = ("ThunkExecutor", "$", "Pjit", "SlinkyThreadPool", "end: ")
 
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--xla-default-train-options", action="store_true")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
-    reuse_freed_host_memory()  # as train.py and eval.py do
+    print(setup_process())  # as train.py and eval.py do
     options = {} if args.xla_default_train_options else None
     case = JaxCase(args.width, args.batch, args.size, True, options)
     step = getattr(case, args.mode)

@@ -14,7 +14,11 @@ rounds. The JAX train step's time outside compiled code is estimated by timing a
 identity over the same argument pytrees (flatten, dispatch, unflatten) against the real step.
 
 On a GPU or TPU backend (or with --fake-data) it instead times train.py's own sharded training
-step, in bfloat16 compute by default, on random batches made on the devices, over all devices.
+step, in bfloat16 compute by default, on a random batch made on the devices, over all devices,
+against torchvision's training step in AMP bfloat16 with channels_last on the same device kind
+(eager; also torch.compile with --torch-compile): each round dispatches steps asynchronously
+for about --round-seconds and blocks once; the rounds alternate between the frameworks; it
+reports medians, their ratios, compile (first-step) time and peak device memory.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import optax
 from flax import nnx
 
 from shufflenet_jax.folding import fold_batchnorm
-from shufflenet_jax.hostmem import reuse_freed_host_memory
+from shufflenet_jax.hostmem import cpu_is_default_backend, setup_process
 from shufflenet_jax.models import ShuffleNetV2
 from shufflenet_jax.steps import (
     eval_compiler_options,
@@ -148,7 +152,6 @@ class TorchCase:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
 
     results = []
     for width in args.widths:
@@ -203,10 +206,7 @@ def run(args: argparse.Namespace) -> dict:
             results.append(row)
             print(format_row(row, args), flush=True)
     return {
-        "machine": f"{platform.processor() or platform.machine()}, {_cpu_count()} cores",
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "torch": torch.__version__,
+        **_versions(),
         "dtype": "float32",
         "jax_model_kwargs": args.jax_kwargs,
         "jax_infer_fold_bn": args.fold_bn,
@@ -223,67 +223,214 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def fake_data_training(args: argparse.Namespace) -> list[dict]:
-    """Training-step images/s of `train.py`'s own sharded step on device-made random batches
-    (no input pipeline), in `--fake-dtype` compute precision, over every device."""
+def _round_rates(cases: dict, batch: int, round_s: float, repeats: int) -> dict[str, list]:
+    """Images/s of each case's `step` over `repeats` rounds, alternating the cases round by
+    round. A round dispatches as many steps as fill about `round_s` seconds (calibrated per
+    case) and blocks once at its end, so asynchronous dispatch overlaps the host's work."""
+    counts = {}
+    for name, case in cases.items():
+        n, elapsed = 1, 0.0
+        while elapsed < round_s / 4:
+            n *= 2
+            start = time.perf_counter()
+            for _ in range(n):
+                case.step()
+            case.sync()
+            elapsed = time.perf_counter() - start
+        counts[name] = max(1, round(n * round_s / elapsed))
+    rates: dict[str, list] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            start = time.perf_counter()
+            for _ in range(counts[name]):
+                case.step()
+            case.sync()
+            rates[name].append(counts[name] * batch / (time.perf_counter() - start))
+    return {"steps_per_round": counts, "rates": rates}
+
+
+class JaxTrainCase:
+    """train.py's own sharded training step (its config's recipe, `compute_dtype`) on one
+    batch made on the devices; compiled ahead of time, so compile time is measured alone."""
+
+    def __init__(self, width: float, batch: int, size: int, dtype: str):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from shufflenet_jax import input_pipeline, training
+
+        config = _imagenet_config(width)
+        config.batch_size, config.compute_dtype = batch, dtype
+        mesh = training.make_mesh()
+        training.check_batch(batch, mesh)
+        data = NamedSharding(mesh, PartitionSpec("data"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        graphdef, tx, state = training.create_optimizer_and_state(
+            config, training.create_model(config)
+        )
+        self.state = jax.device_put(state, replicated)
+        self.batch = next(input_pipeline.fake_batches(data, batch, size, config.num_classes))
+        jitted = jax.jit(
+            training.make_train_step(config, graphdef, tx),
+            in_shardings=(replicated, data),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+        lowered = jitted.lower(self.state, self.batch)
+        start = time.perf_counter()
+        self.compiled = lowered.compile()
+        self.compile_s = time.perf_counter() - start
+        self.devices = mesh.devices.size
+
+    def step(self) -> None:
+        self.state, self.metrics = self.compiled(self.state, self.batch)
+
+    def sync(self) -> None:
+        jax.block_until_ready(self.metrics)
+
+    def peak_bytes(self) -> int | None:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
+
+
+class TorchAmpTrainCase:
+    """torchvision's model training on the same device kind in automatic mixed precision
+    (bfloat16 autocast, float32 weights), channels_last, SGD with momentum, eager or compiled."""
+
+    def __init__(self, width: float, batch: int, size: int, compiled: bool):
+        import torch
+        import torchvision
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        name = {0.5: "x0_5", 1.0: "x1_0", 1.5: "x1_5", 2.0: "x2_0"}[width]
+        model = getattr(torchvision.models, f"shufflenet_v2_{name}")().to(self.device)
+        self.model = model.to(memory_format=torch.channels_last).train()
+        self.forward = torch.compile(self.model) if compiled else self.model
+        self.x = torch.rand(batch, 3, size, size, device=self.device).contiguous(
+            memory_format=torch.channels_last
+        )
+        self.y = torch.randint(0, 1000, (batch,), device=self.device)
+        self.opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.compile_s = _timed_first_call(lambda: (self.step(), self.sync()))
+
+    def step(self) -> None:
+        torch = self.torch
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device, dtype=torch.bfloat16):
+            logits = self.forward(self.x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), self.y, label_smoothing=0.1)
+        loss.backward()
+        self.opt.step()
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def peak_bytes(self) -> int | None:
+        if self.device != "cuda":
+            return None
+        return self.torch.cuda.max_memory_allocated()
+
+
+def accelerator_training(args: argparse.Namespace) -> list[dict]:
+    """Training images/s of train.py's sharded step in `--fake-dtype` against torchvision in
+    AMP bfloat16 (eager, and torch.compile with --torch-compile) on the same device kind:
+    alternating time-based rounds, medians; compile time and peak device memory."""
+    rows = []
+    for width in args.widths:
+        for batch in args.batches:
+            cases: dict[str, object] = {
+                "jax": JaxTrainCase(width, batch, args.size, args.fake_dtype)
+            }
+            if not args.no_torch:
+                cases["torch_amp_eager"] = TorchAmpTrainCase(width, batch, args.size, False)
+                if args.torch_compile:
+                    cases["torch_amp_compile"] = TorchAmpTrainCase(width, batch, args.size, True)
+            timed = _round_rates(cases, batch, args.round_seconds, args.repeats)
+            row = {
+                "width": width,
+                "batch": batch,
+                "size": args.size,
+                "devices": cases["jax"].devices,
+                "jax_compute_dtype": args.fake_dtype,
+                "steps_per_round": timed["steps_per_round"],
+            }
+            for name, case in cases.items():
+                row[f"{name}_train_img_s"] = statistics.median(timed["rates"][name])
+                row[f"{name}_train_img_s_rounds"] = timed["rates"][name]
+                row[f"{name}_compile_s"] = case.compile_s
+                row[f"{name}_peak_device_bytes"] = case.peak_bytes()
+            for name in cases:
+                if name != "jax":
+                    row[f"ratio_jax_vs_{name}"] = (
+                        row["jax_train_img_s"] / row[f"{name}_train_img_s"]
+                    )
+            rows.append(row)
+            print(format_accelerator_row(row, list(cases)), flush=True)
+    return rows
+
+
+def format_accelerator_row(row: dict, names: list[str]) -> str:
+    head = (
+        f"ShuffleNet V2 {row['width']}x train, global batch {row['batch']}, "
+        f"{row['size']}x{row['size']}, {row['devices']} {jax.default_backend()} device(s)"
+    )
+    lines = [head]
+    for name in names:
+        peak = row[f"{name}_peak_device_bytes"]
+        lines.append(
+            f"  {name:<18} {row[f'{name}_train_img_s']:9.1f} img/s  compile/first step "
+            f"{row[f'{name}_compile_s']:.1f} s  peak memory "
+            + (f"{peak / 2**30:.2f} GiB" if peak else "n/a")
+            + (f"  (JAX/this {row[f'ratio_jax_vs_{name}']:.2f}x)" if name != "jax" else "")
+        )
+    return "\n".join(lines)
+
+
+def _imagenet_config(width: float):
     import importlib.util
     from pathlib import Path
-
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from shufflenet_jax import input_pipeline, training
 
     path = Path(__file__).resolve().parents[1] / "configs" / "imagenet.py"
     spec = importlib.util.spec_from_file_location("imagenet_config", path)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
+    return recipe.get_config(str(width))
 
-    rows = []
-    for width in args.widths:
-        for batch in args.batches:
-            config = recipe.get_config(str(width))
-            config.batch_size, config.compute_dtype = batch, args.fake_dtype
-            mesh = training.make_mesh()
-            training.check_batch(batch, mesh)
-            data = NamedSharding(mesh, PartitionSpec("data"))
-            replicated = NamedSharding(mesh, PartitionSpec())
-            graphdef, tx, state = training.create_optimizer_and_state(
-                config, training.create_model(config)
-            )
-            state = jax.device_put(state, replicated)
-            step = jax.jit(
-                training.make_train_step(config, graphdef, tx),
-                in_shardings=(replicated, data),
-                out_shardings=(replicated, replicated),
-                donate_argnums=0,
-            )
-            batches = input_pipeline.fake_batches(data, batch, args.size, config.num_classes)
-            holder = {"state": state}
 
-            def one_step(holder=holder, step=step, batches=batches):
-                holder["state"], metrics = step(holder["state"], next(batches))
-                metrics["loss"].block_until_ready()
+def _cpu_name() -> str:
+    """lscpu's model name and the vector extensions that matter here, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line and "\t" in line)
+    model = fields.get("model name\t", platform.machine()).strip()
+    flags = set(fields.get("flags\t\t", "").split())
+    vector = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{model} ({' '.join(vector) or 'no AVX2'}), {_cpu_count()} cores"
 
-            warm = _timed_first_call(one_step)
-            iters = max(1, args.images // batch)
-            times = [_median_seconds(one_step, iters) for _ in range(args.repeats)]
-            row = {
-                "width": width,
-                "batch": batch,
-                "size": args.size,
-                "devices": mesh.devices.size,
-                "compute_dtype": args.fake_dtype,
-                "train_img_s": batch / statistics.median(times),
-                "warmup_s": warm,
-            }
-            rows.append(row)
-            print(
-                f"fake-data train step, {width}x, global batch {batch}, {args.fake_dtype}, "
-                f"{row['devices']} {jax.default_backend()} device(s): "
-                f"{row['train_img_s']:.1f} img/s (first step {warm:.1f} s)",
-                flush=True,
-            )
-    return rows
+
+def _versions() -> dict:
+    import importlib.metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "machine": _cpu_name(),
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "python": platform.python_version(),
+        **{name: version(name) for name in ("jax", "jaxlib", "flax", "torch", "torchvision")},
+    }
 
 
 def _cpu_count() -> int:
@@ -353,10 +500,18 @@ def main() -> None:
     p.add_argument(
         "--fake-data",
         action="store_true",
-        help="time train.py's sharded step on device-made batches instead of comparing with "
-        "PyTorch (the default when the backend is not the CPU)",
+        help="the accelerator mode (the default when the backend is not the CPU): train.py's "
+        "sharded step on device-made batches against torchvision in AMP bfloat16 on the same "
+        "device kind",
     )
     p.add_argument("--fake-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument(
+        "--round-seconds",
+        type=float,
+        default=2.0,
+        help="accelerator mode: each timing round runs steps for about this long",
+    )
+    p.add_argument("--no-torch", action="store_true", help="accelerator mode: JAX only")
     p.add_argument(
         "--omp-wait-policy",
         default="PASSIVE",
@@ -370,21 +525,23 @@ def main() -> None:
         "--host-malloc",
         default="reuse",
         choices=["reuse", "glibc-default"],
-        help="reuse (default, as train.py and eval.py): hostmem.reuse_freed_host_memory() for "
+        help="reuse (default, as train.py and eval.py): hostmem.setup_process() for "
         "the whole process, both frameworks; glibc-default: every step's large buffers are "
         "fresh mmaps that page-fault (docs/performance.md)",
     )
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
-    args.host_malloc_applied = args.host_malloc == "reuse" and reuse_freed_host_memory()
+    if args.host_malloc == "reuse":
+        print(setup_process())  # as train.py and eval.py do
+    args.host_malloc_applied = args.host_malloc == "reuse" and cpu_is_default_backend()
     if args.omp_wait_policy != "unset":
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before torch is imported
     if args.fake_data or jax.default_backend() != "cpu":
-        rows = fake_data_training(args)
+        rows = accelerator_training(args)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(
-                    {"backend": jax.default_backend(), "jax": jax.__version__, "results": rows},
+                    _versions() | {"round_seconds": args.round_seconds, "results": rows},
                     f,
                     indent=1,
                 )

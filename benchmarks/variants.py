@@ -23,7 +23,7 @@ import statistics
 import numpy as np
 from throughput import JaxCase, _median_seconds
 
-from shufflenet_jax.hostmem import reuse_freed_host_memory
+from shufflenet_jax.hostmem import setup_process
 from shufflenet_jax.steps import eval_compiler_options, train_compiler_options
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64, help="images per variant per round")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
-    reuse_freed_host_memory()  # as train.py and eval.py do
+    print(setup_process())  # as train.py and eval.py do
 
     cases = {}
     for name, kwargs in (parse_variant(v, args.mode) for v in args.variant):

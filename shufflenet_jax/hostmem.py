@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
 
 # glibc's <malloc.h> parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -36,3 +39,25 @@ def reuse_freed_host_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def cpu_is_default_backend() -> bool:
+    """Whether JAX's default backend will be the CPU, decided without starting any backend
+    (starting one first would leave XLA's threads on their own malloc arenas): JAX_PLATFORMS
+    names the CPU first, or no accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    plugins = importlib.metadata.entry_points(group="jax_plugins")
+    return not plugins and importlib.util.find_spec("libtpu") is None
+
+
+def setup_process() -> str:
+    """Process-wide settings for train.py, eval.py and the benchmarks, to call before any JAX
+    computation: on the CPU backend `reuse_freed_host_memory`, elsewhere nothing. Returns a
+    line saying what it did, for the program's log."""
+    if not cpu_is_default_backend():
+        return "host malloc: glibc's defaults (the default backend is not the CPU)"
+    if reuse_freed_host_memory():
+        return "host malloc: freed memory kept for reuse (XLA:CPU's step buffers)"
+    return "host malloc: defaults (the C library is not glibc)"

@@ -140,8 +140,10 @@ _conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
 def _native_usable(*arrays: Array) -> bool:
-    """Whether the C++ kernels apply: float32 arrays and a library that builds here."""
-    return all(a.dtype == jnp.float32 for a in arrays) and native.available()
+    """Whether the C++ kernels apply: float32 arrays, the CPU as JAX's default backend (so
+    that nothing is compiled with g++ for a GPU or TPU run) and a library that builds here."""
+    float32 = all(a.dtype == jnp.float32 for a in arrays)
+    return float32 and jax.default_backend() == "cpu" and native.available()
 
 
 def _on_cpu(kernel: Callable[..., Any], otherwise: Any, *args: Array) -> Any:

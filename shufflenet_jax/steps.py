@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -19,6 +21,24 @@ def split_model(model: ShuffleNetV2) -> tuple[nnx.GraphDef, nnx.State, nnx.State
     return nnx.split(model, nnx.Param, nnx.BatchStat)
 
 
+@functools.cache
+def _xla_accepts(name: str, value: Any) -> bool:
+    """Whether this jaxlib's XLA knows the compile option (XLA:CPU's options come and go
+    between releases; an unknown one is an error at compile time)."""
+    probe = jax.jit(lambda x: x + 1, compiler_options={name: value})
+    try:
+        probe.lower(jnp.zeros((), jnp.float32)).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "No such compile option" in str(e):
+            return False
+        raise
+    return True
+
+
+def _known(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if _xla_accepts(k, v)}
+
+
 def train_compiler_options(backend: str | None = None) -> dict[str, Any]:
     """XLA options for compiling a training step on `backend` (default: JAX's default backend).
 
@@ -27,13 +47,16 @@ def train_compiler_options(backend: str | None = None) -> dict[str, Any]:
     than the default fusion emitters: about 1.25x the train-step throughput at batch 32, while
     inference is no faster. YNNPACK's dot fusions (matmuls with their neighbouring element-wise
     work) add about 1.06x to training and halve inference speed, so inference keeps the
-    defaults (docs/performance.md). Other backends keep XLA's defaults.
+    defaults (docs/performance.md). Other backends keep XLA's defaults; options this XLA
+    does not know (newer jaxlibs dropped the loop emitters' switch) are left out.
     """
     if (backend or jax.default_backend()) == "cpu":
-        return {
-            "xla_cpu_use_fusion_emitters": False,
-            "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
-        }
+        return _known(
+            {
+                "xla_cpu_use_fusion_emitters": False,
+                "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+            }
+        )
     return {}
 
 
@@ -45,7 +68,7 @@ def eval_compiler_options(backend: str | None = None) -> dict[str, Any]:
     32, between 0.88x and 1.19x in five alternating runs at batch 1 (docs/performance.md).
     """
     if (backend or jax.default_backend()) == "cpu":
-        return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+        return _known({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"})
     return {}
 
 

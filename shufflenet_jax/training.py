@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shufflenet_jax import checkpoint, input_pipeline, optim
 from shufflenet_jax.models import ShuffleNetV2, abstract_model, check_width
+from shufflenet_jax.ops import accumulation_dtype
 from shufflenet_jax.steps import eval_compiler_options, train_compiler_options
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,8 @@ def make_train_step(config: Any, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             compute = jax.tree.map(lambda p: p.astype(dtype), params)
             model = nnx.merge(graphdef, compute, batch_stats, copy=True)
             model.train()
-            logits = model(batch["image"].astype(dtype)).astype(jnp.float32)
+            # float32 logits for bfloat16 compute; float64 stays float64 end to end
+            logits = model(batch["image"].astype(dtype)).astype(accumulation_dtype(dtype))
             targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], num_classes), smoothing)
             loss = optax.softmax_cross_entropy(logits, targets).mean()
             return loss, (logits, nnx.state(model, nnx.BatchStat))

@@ -24,6 +24,16 @@ def digits_data_dir(tmp_path_factory):
     return str(data_dir)
 
 
+# Test modules that import torch at the top; their tests are all marked `torch`. A run that
+# deselects those (`-m "not torch"`, the leg without torch) does not import them either.
+TORCH_MODULES = ("test_convert.py", "test_convert_cli.py")
+
+
+def pytest_ignore_collect(collection_path, config):
+    deselects_torch = "not torch" in (config.option.markexpr or "")
+    return True if deselects_torch and collection_path.name in TORCH_MODULES else None
+
+
 def pytest_collection_modifyitems(items):
     """Hand out the long training and evaluation tests first, so that with `-n 2` the two
     workers do not end with one of them running a long test alone."""

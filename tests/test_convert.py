@@ -22,6 +22,8 @@ from shufflenet_jax.convert import (
 )
 from shufflenet_jax.models import STAGE_NAMES, abstract_model, with_values
 
+pytestmark = pytest.mark.torch
+
 WIDTHS = (0.5, 1.0, 1.5, 2.0)
 # BatchNorm biases followed by a 1x1 conv and another BatchNorm: zero gradient in train mode.
 ZERO_GRADIENT_SUFFIXES = ("branch1.1.bias", "branch2.4.bias")

@@ -15,6 +15,8 @@ from shufflenet_jax.checkpoint import read_model_config, restore_model
 from shufflenet_jax.compare import random_torchvision_model
 from shufflenet_jax.convert import load_torchvision
 
+pytestmark = pytest.mark.torch
+
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):

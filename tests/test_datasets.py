@@ -84,6 +84,7 @@ def test_image_folder_refuses_a_class_missing_from_train(folder, tmp_path):
         (root / "validation" / "horse").rmdir()
 
 
+@pytest.mark.tensorflow
 def test_imagenet2012_builder_prepares_the_ilsvrc2012_tar_layout(tmp_path):
     """The real TFDS builder on tars laid out as ILSVRC2012 (needs TensorFlow to prepare)."""
     manual = tmp_path / "manual"

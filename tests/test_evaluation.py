@@ -68,6 +68,7 @@ def test_eval_cli_prints_a_table_and_writes_json_for_both_weights(trained, tmp_p
     assert result["ema"]["top1"] == loop["ema_top1"]
 
 
+@pytest.mark.torch
 def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_path):
     import torch
     import torchvision

@@ -50,6 +50,7 @@ def smooth_jpeg(path, width, height, seed=0):
     Image.fromarray(pixels).save(path, "JPEG", quality=90)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "size,resize,crop", [((500, 375), 256, 224), ((333, 517), 232, 224), ((180, 150), 200, 224)]
 )

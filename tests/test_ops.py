@@ -89,6 +89,7 @@ def test_pointwise_implementations_match_lax_conv_and_its_gradients(impl):
     assert_same_values_and_grads(ops.POINTWISE_IMPLS[impl], ops.pointwise_lax, x, kernel)
 
 
+@pytest.mark.torch
 def test_max_pool_gradient_goes_to_the_first_maximum_like_torch():
     import torch
 
@@ -103,6 +104,7 @@ def test_max_pool_gradient_goes_to_the_first_maximum_like_torch():
     np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
+@pytest.mark.torch
 def test_max_pool_matches_torch():
     import torch
 
