@@ -1,5 +1,7 @@
 """How far each op's low-precision results and gradients are from float64 on the same values.
 
+    python -m shufflenet_jax.precision [--dtype bfloat16] [--batch 8] [--only NAME] [--json OUT]
+
 Inputs, weights and the output cotangent are rounded to the low precision once; the float64
 reference sees exactly those values, so what differs is the op's own low-precision arithmetic.
 `OP_CASES` lists every implementation of every op at the network's shapes; tests bound their
@@ -8,6 +10,8 @@ errors and benchmarks/device_check.sh measures them on an accelerator.
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -128,8 +132,32 @@ def _op_cases(batch: int) -> dict[str, tuple[Callable, Callable, list[tuple]]]:
 OP_CASES = _op_cases(batch=8)
 
 
-def op_errors(name: str, dtype=jnp.bfloat16, cases=None) -> dict[str, float]:
+def op_errors(name: str, dtype=jnp.bfloat16, cases: dict | None = None) -> dict[str, float]:
     """`low_precision_errors` of one entry of `OP_CASES` (or of `cases`)."""
     fn, reference, arg_specs = (cases or OP_CASES)[name]
     args = [rounded_normal(i + 1, *spec, dtype=dtype) for i, spec in enumerate(arg_specs)]
     return low_precision_errors(fn, reference, args, dtype)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batch", type=int, default=8, help="images per op case")
+    p.add_argument("--only", nargs="*", help="case names (default: all)")
+    p.add_argument("--json", metavar="OUT")
+    args = p.parse_args()
+    cases = _op_cases(args.batch)
+    results = {}
+    for name in args.only or sorted(cases):
+        results[name] = op_errors(name, jnp.dtype(args.dtype), cases)
+        worst = max(results[name].items(), key=lambda kv: kv[1])
+        print(f"{name:<42} worst relative error {worst[1]:.2e} ({worst[0]})", flush=True)
+    if args.json:
+        report = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+        report |= {"jax": jax.__version__, "dtype": args.dtype, "batch": args.batch}
+        with open(args.json, "w") as f:
+            json.dump(report | {"errors": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

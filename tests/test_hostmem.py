@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -43,3 +44,41 @@ def test_reused_host_memory_stops_per_call_page_faults():
     # where the heap grows to hold the buffer elsewhere: the median and the total allow it.
     assert np.median(reuse["faults"]) < 0.02 * reuse["temp_pages"]
     assert sum(reuse["faults"]) < 0.25 * sum(default["faults"])
+
+
+def test_process_setup_changes_malloc_only_when_the_cpu_is_the_default_backend(monkeypatch):
+    from shufflenet_jax import hostmem
+
+    def refuse():
+        raise AssertionError("malloc changed for a non-CPU backend")
+
+    monkeypatch.setattr(hostmem, "reuse_freed_host_memory", refuse)
+    for platforms in ("cuda", "tpu", "cuda,cpu"):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert not hostmem.cpu_is_default_backend()
+        assert "not the CPU" in hostmem.setup_process()
+    calls = []
+    monkeypatch.setattr(hostmem, "reuse_freed_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert hostmem.cpu_is_default_backend()
+    assert "kept for reuse" in hostmem.setup_process() and calls == [1]
+
+
+def test_train_py_says_what_the_process_setup_did(tmp_path):
+    """train.py logs the setting before anything else happens (here: a config that fails)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/digits.py",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.data_dir",
+            str(tmp_path / "nothing"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert out.stdout.startswith("host malloc: freed memory kept for reuse"), out.stdout

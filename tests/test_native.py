@@ -340,3 +340,32 @@ def test_shuffle_stage_rejects_other_dtypes():
 def test_stem_pool_rejects_mismatched_shapes(x_shape, kernel_shape, bias_shape):
     with pytest.raises(ValueError, match="stem_pool: .* do not match"):
         native.stem_pool(jnp.ones(x_shape), jnp.ones(kernel_shape), jnp.ones(bias_shape))
+
+
+def test_other_default_backends_trace_without_building_or_calling_the_kernels(monkeypatch):
+    """On a GPU or TPU machine nothing is compiled with g++ and no C++ call is traced, in
+    training (kernel gradients, BatchNorm sums) or in folded inference (stem and stages)."""
+    from flax import nnx
+
+    from shufflenet_jax.folding import fold_batchnorm
+    from shufflenet_jax.models import ShuffleNetV2
+
+    def no_build():
+        raise AssertionError("the C++ kernels were built for a non-CPU backend")
+
+    monkeypatch.setattr(native, "available", no_build)
+    monkeypatch.setattr(native, "build_library", no_build)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    model = ShuffleNetV2(0.5, 10, rngs=nnx.Rngs(0))
+    x = jnp.zeros((2, 32, 32, 3))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+        net = nnx.merge(graphdef, params, rest, copy=True)
+        net.train()
+        return net(x).sum()
+
+    folded = fold_batchnorm(model)
+    texts = [str(jax.make_jaxpr(jax.grad(loss))(params))]
+    texts.append(str(jax.make_jaxpr(lambda x: folded(x))(x)))
+    assert not any("shufflenet_" in text for text in texts)

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One accelerator check in at most 8 minutes (the stages' timeouts add up to 480 s), for a machine with Python 3.12, JAX with CUDA, flax,
+# optax, orbax, chex and torch preinstalled and no network (docs/accelerator.md):
+#
+#   bash benchmarks/device_check.sh [--cpu-dry-run] [OUT]
+#
+# OUT defaults to $OUT (the device tool's folder), else device_check_out/. The packages the
+# image lacks come as wheels from $WHEELS (default .whl/, made here by
+# benchmarks/device_wheels.sh) and are installed into a private folder; nothing else is
+# installed. Each stage runs under its own timeout and writes its JSON or log under OUT, so a
+# slow stage cannot lose the others' results; OUT/stages.tsv lists each stage's exit status
+# and seconds. --cpu-dry-run runs every stage on the CPU at tiny sizes (CI runs it so that the
+# script cannot rot); the GPU-only parts (nvidia-smi, torch.compile) are skipped there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+dry=0
+if [[ "${1:-}" == "--cpu-dry-run" ]]; then dry=1; shift; fi
+out=${1:-${OUT:-device_check_out}}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+wheels=${WHEELS:-.whl}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+printf 'stage\texit\tseconds\n' >"$out/stages.tsv"
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a timeout, log to OUT/NAME.log
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "== $name (at most ${limit} s)"
+  timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >>"$out/stages.tsv"
+  tail -n 15 "$out/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+# the dry run uses this machine's packages unless WHEELS names a folder for its Python
+if [[ $dry == 0 || -n "${WHEELS:-}" ]] && compgen -G "$wheels/*.whl" >/dev/null; then
+  site=${TMPDIR:-/tmp}/shufflenet_jax_site
+  stage wheels 40 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$site" "$wheels"/*.whl
+  export PYTHONPATH="$PYTHONPATH:$site"
+fi
+
+if ((dry)); then
+  export JAX_PLATFORMS=cpu
+  tests=(tests/test_ops.py tests/test_low_precision.py -k "shuffle or op_cases_cover")
+  precision=(--batch 1 --only depthwise_shifted_28x28x58_s1 pointwise_dot_28x28x116to58)
+  big=(--widths 0.5 --batches 8 --size 64 --round-seconds 0.2 --repeats 1)
+  small=(--widths 0.5 --batches 8 --size 32 --round-seconds 0.2 --repeats 1 --no-torch)
+  fusion=(--batch 2 --size 32 --repeats 1)
+else
+  export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+  tests=(tests/test_ops.py tests/test_models.py tests/test_steps.py tests/test_low_precision.py)
+  if "$py" -c "import torch, torchvision" 2>/dev/null; then tests+=(tests/test_convert.py); fi
+  precision=()
+  big=(--widths 1.0 --batches 256 --torch-compile --repeats 5)
+  small=(--widths 0.5 --batches 256 --repeats 3)
+  fusion=()
+  stage nvidia_smi 10 nvidia-smi
+fi
+
+stage versions 20 "$py" -c "
+import json, platform, importlib.metadata as m, jax
+names = ['jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'chex', 'grain',
+         'tensorflow-datasets', 'ml-collections', 'torch', 'torchvision']
+def version(n):
+    try: return m.version(n)
+    except m.PackageNotFoundError: return None
+info = {'python': platform.python_version(), 'backend': jax.default_backend(),
+        'devices': [str(d) for d in jax.devices()], 'device_kind': jax.devices()[0].device_kind}
+info |= {n: version(n) for n in names}
+print(json.dumps(info, indent=1))
+json.dump(info, open('$out/versions.json', 'w'), indent=1)"
+
+# float32 tolerances of the equivalence tests assume float32 matmuls, not TF32
+JAX_DEFAULT_MATMUL_PRECISION=highest stage tests 100 "$py" -m pytest -q -p no:cacheprovider \
+  --junitxml="$out/tests.xml" "${tests[@]}"
+stage bf16_errors 40 "$py" -m shufflenet_jax.precision "${precision[@]}" \
+  --json "$out/bf16_errors.json"
+stage throughput_1_0 150 "$py" benchmarks/throughput.py --fake-data "${big[@]}" \
+  --json "$out/throughput_1_0.json"
+stage throughput_0_5 60 "$py" benchmarks/throughput.py --fake-data "${small[@]}" \
+  --json "$out/throughput_0_5.json"
+stage fusion_unit 25 "$py" -m shufflenet_jax.fusion --target unit --mode train "${fusion[@]}" \
+  --json "$out/fusion_unit_train.json"
+stage fusion_net 35 "$py" -m shufflenet_jax.fusion --target net --mode forward --compare shuffle \
+  "${fusion[@]}" --json "$out/fusion_net_forward.json"
+
+cat "$out/stages.tsv"
+! awk 'NR > 1 && $2 != 0 { bad = 1 } END { exit !bad }' "$out/stages.tsv"
