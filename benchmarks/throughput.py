@@ -207,6 +207,7 @@ def run(args: argparse.Namespace) -> dict:
             print(format_row(row, args), flush=True)
     return {
         **_versions(),
+        "isa": args.isa,
         "dtype": "float32",
         "jax_model_kwargs": args.jax_kwargs,
         "jax_infer_fold_bn": args.fold_bn,
@@ -400,6 +401,23 @@ def _imagenet_config(width: float):
     return recipe.get_config(str(width))
 
 
+def add_isa_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: build the C++ kernels for x86-64-v3 (AVX2+FMA, 16 vector registers) and "
+        "cap XLA at AVX2, so an AVX-512 machine runs what an AVX2-only one would",
+    )
+
+
+def apply_isa(isa: str) -> None:
+    """Set the build and XLA flags for `isa`; call before the first JAX computation."""
+    if isa == "avx2":
+        os.environ["SHUFFLENET_JAX_MARCH"] = "x86-64-v3"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_max_isa=AVX2"
+
+
 def _cpu_name() -> str:
     """lscpu's model name and the vector extensions that matter here, from /proc/cpuinfo."""
     try:
@@ -530,7 +548,9 @@ def main() -> None:
         "fresh mmaps that page-fault (docs/performance.md)",
     )
     p.add_argument("--json", metavar="OUT")
+    add_isa_option(p)
     args = p.parse_args()
+    apply_isa(args.isa)
     if args.host_malloc == "reuse":
         print(setup_process())  # as train.py and eval.py do
     args.host_malloc_applied = args.host_malloc == "reuse" and cpu_is_default_backend()

@@ -21,7 +21,7 @@ import json
 import statistics
 
 import numpy as np
-from throughput import JaxCase, _median_seconds
+from throughput import JaxCase, _median_seconds, add_isa_option, apply_isa
 
 from shufflenet_jax.hostmem import setup_process
 from shufflenet_jax.steps import eval_compiler_options, train_compiler_options
@@ -54,7 +54,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=64, help="images per variant per round")
     p.add_argument("--json", metavar="OUT")
+    add_isa_option(p)
     args = p.parse_args()
+    apply_isa(args.isa)
     print(setup_process())  # as train.py and eval.py do
 
     cases = {}

@@ -9,10 +9,9 @@ element-wise passes; it has no training mode.
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
-from shufflenet_jax.layers import BatchNorm, Bias, Conv2d
+from shufflenet_jax.layers import BatchNorm, Bias, Conv2d, folded_conv
 from shufflenet_jax.models import ShuffleNetV2
 
 
@@ -26,7 +25,6 @@ def fold_batchnorm(model: ShuffleNetV2) -> ShuffleNetV2:
         for i in range(1, len(layers)):
             conv, bn = layers[i - 1], layers[i]
             if isinstance(conv, Conv2d) and isinstance(bn, BatchNorm):
-                s = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
-                conv.kernel[...] = conv.kernel[...] * s
-                layers[i] = Bias(bn.bias[...] - bn.mean[...] * s)
+                conv.kernel[...], bias = folded_conv(conv, bn)
+                layers[i] = Bias(bias)
     return folded

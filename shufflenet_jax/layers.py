@@ -135,3 +135,19 @@ class Bias(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         return (x.astype(ops.accumulation_dtype(x.dtype)) + self.bias[...]).astype(x.dtype)
+
+
+def folded_conv(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, Array]:
+    """(kernel, bias) of `conv` followed by `norm` as one convolution with a bias, for
+    inference: an eval-mode BatchNorm's `(x - mean) * s + beta` with `s = gamma / sqrt(var +
+    eps)` scales each output channel of the kernel; a `Bias` (already folded) is kept."""
+    if isinstance(norm, Bias):
+        return conv.kernel[...], norm.bias[...]
+    s = norm.scale[...] * jax.lax.rsqrt(norm.var[...] + norm.epsilon)
+    return conv.kernel[...] * s, norm.bias[...] - norm.mean[...] * s
+
+
+def is_inference_norm(layer: nnx.Module) -> bool:
+    """Whether `layer` normalizes with fixed statistics: a folded `Bias` or an eval-mode
+    BatchNorm."""
+    return isinstance(layer, Bias) or (isinstance(layer, BatchNorm) and layer.use_running_average)

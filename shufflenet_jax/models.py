@@ -7,6 +7,8 @@ Attribute names follow torchvision (`conv1`, `maxpool`, `stage2`..`stage4`, `bra
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,6 +22,8 @@ from shufflenet_jax.layers import (
     Bias,
     Conv2d,
     MaxPool,
+    folded_conv,
+    is_inference_norm,
 )
 
 Array = jax.Array
@@ -125,17 +129,19 @@ class ShuffleUnit(nnx.Module):
         )
 
     @property
-    def folded(self) -> bool:
-        """Whether `folding.fold_batchnorm` has turned its BatchNorms into biases."""
-        return isinstance(self.branch2.layers[1], Bias)
+    def inference(self) -> bool:
+        """Whether its BatchNorms use fixed statistics (eval mode, or folded into biases by
+        `folding.fold_batchnorm`), so that the unit is convolutions with biases."""
+        return is_inference_norm(self.branch2.layers[1])
 
     def folded_weights(self) -> tuple[Array, ...]:
-        """A folded unit's weights in `native.shuffle_stage`'s order: branch 2's 1x1 kernel and
-        bias, depthwise kernel (9, C) and bias, 1x1 kernel and bias; then branch 1's (stride 2)."""
+        """An inference unit's weights with BatchNorm folded, in `native.shuffle_stage`'s
+        order: branch 2's 1x1 kernel and bias, depthwise kernel (9, C) and bias, 1x1 kernel
+        and bias; then branch 1's (stride 2)."""
 
-        def pair(conv: Conv2d, bias: Bias) -> tuple[Array, Array]:
-            k = conv.kernel[...]
-            return k.reshape(-1, k.shape[-1]), bias.bias[...]
+        def pair(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, Array]:
+            k, b = folded_conv(conv, norm)
+            return k.reshape(-1, k.shape[-1]), b
 
         b2 = self.branch2.layers
         weights = (*pair(b2[0], b2[1]), *pair(b2[3], b2[4]), *pair(b2[5], b2[6]))
@@ -153,13 +159,58 @@ class ShuffleUnit(nnx.Module):
         return ops.SHUFFLE_IMPLS[self.shuffle_impl](out, 2)
 
 
+def _stage_layers(stage: Stage, x: Array) -> Array:
+    return nnx.Sequential.__call__(stage, x)
+
+
+def _stage_native(stage: Stage, x: Array) -> Array:
+    weights = [unit.folded_weights() for unit in stage.layers]
+    return ops.folded_stage_native(x, weights, _stage_layers(stage, x))
+
+
+def _stem_layers(conv1: nnx.Sequential, image: Array) -> Array:
+    return ops.max_pool_3x3_s2(conv1(image))
+
+
+def _stem_native(conv1: nnx.Sequential, image: Array) -> Array:
+    conv, norm = conv1.layers[:2]
+    return ops.folded_stem_native(image, *folded_conv(conv, norm), _stem_layers(conv1, image))
+
+
+def _native_with_layers_gradient(module: nnx.Module, native, layers, x: Array) -> Array:
+    """native(module, x), differentiated as layers(module, x), the same function through XLA:
+    the C++ inference kernels have no gradients of their own (eval-mode fine-tuning needs
+    them)."""
+    graphdef, state = nnx.split(module)
+    return _native_forward(graphdef, native, layers, x, state)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _native_forward(graphdef, native, layers, x, state):
+    return native(nnx.merge(graphdef, state), x)
+
+
+def _native_forward_fwd(graphdef, native, layers, x, state):
+    return _native_forward(graphdef, native, layers, x, state), (x, state)
+
+
+def _native_forward_bwd(graphdef, native, layers, residuals, g):
+    x, state = residuals
+    _, pullback = jax.vjp(lambda x, state: layers(nnx.merge(graphdef, state), x), x, state)
+    return pullback(g)
+
+
+_native_forward.defvjp(_native_forward_fwd, _native_forward_bwd)
+
+
 class Stage(nnx.Sequential):
     """A stage's ShuffleUnits, applied in order (torchvision's `stage2` etc.).
 
-    With `impl="native"`, a folded stage (`folding.fold_batchnorm`, inference) runs as one C++
-    call when compiled for the CPU in float32 (`native.shuffle_stage`: each image goes through
-    all units while it is in the cache); otherwise, and with `impl="layers"`, the units' layers
-    run through XLA.
+    With `impl="native"`, a stage in inference (eval mode, or folded by
+    `folding.fold_batchnorm`) runs as one C++ call when compiled for the CPU in float32
+    (`native.shuffle_stage` on the weights with BatchNorm folded: each image goes through all
+    units while it is in the cache; gradients, if asked for, are XLA's layers'); otherwise, and
+    with `impl="layers"`, the units' layers run through XLA.
     """
 
     def __init__(self, *units: ShuffleUnit, impl: str):
@@ -167,10 +218,9 @@ class Stage(nnx.Sequential):
         self.impl = impl
 
     def __call__(self, x: Array) -> Array:
-        out = super().__call__(x)
-        if self.impl == "native" and all(unit.folded for unit in self.layers):
-            out = ops.folded_stage_native(x, [unit.folded_weights() for unit in self.layers], out)
-        return out
+        if self.impl == "native" and all(unit.inference for unit in self.layers):
+            return _native_with_layers_gradient(self, _stage_native, _stage_layers, x)
+        return _stage_layers(self, x)
 
 
 class ShuffleNetV2(nnx.Module):
@@ -233,11 +283,6 @@ class ShuffleNetV2(nnx.Module):
         self.conv5 = nnx.Sequential(Conv2d(cin, c5, 1, **kw), BatchNorm(c5, **bn_kw), nnx.relu)
         self.fc = nnx.Linear(c5, num_classes, rngs=rngs)
 
-    @property
-    def folded(self) -> bool:
-        """Whether `folding.fold_batchnorm` has turned its BatchNorms into biases."""
-        return isinstance(self.conv1.layers[1], Bias)
-
     def stages(self, x: Array) -> dict[str, Array]:
         """Outputs of every stage in `STAGE_NAMES` and the logits (`fc`), for stage-wise checks."""
         if x.ndim != 4 or x.shape[-1] != 3:
@@ -249,9 +294,9 @@ class ShuffleNetV2(nnx.Module):
         image = x
         for name in STAGE_NAMES:
             x = getattr(self, name)(x)
-            if name == "maxpool" and self.folded_impl == "native" and self.folded:
-                conv, bias = self.conv1.layers[:2]
-                x = ops.folded_stem_native(image, conv.kernel[...], bias.bias[...], x)
+            native_stem = self.folded_impl == "native" and is_inference_norm(self.conv1.layers[1])
+            if name == "maxpool" and native_stem:
+                x = _native_with_layers_gradient(self.conv1, _stem_native, _stem_layers, image)
             out[name] = x
         out["fc"] = self.fc(ops.global_average_pool(x))
         return out

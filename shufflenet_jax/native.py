@@ -5,7 +5,8 @@ windows, the 3-channel stem's kernel gradient through stacked windows, and Batch
 per-channel sums as one reduction each; the C++ kernels read their inputs once. For inference
 with BatchNorm folded, the stem with its max-pool and each stage of units run as one call,
 keeping each image's activations in the cache between layers (docs/performance.md).
-The library is compiled with `$CXX` (default `g++`) for this machine into
+The library is compiled with `$CXX` (default `g++`) for this machine (or the
+`-march` in `$SHUFFLENET_JAX_MARCH`) into
 `$SHUFFLENET_JAX_CACHE` (default `~/.cache/shufflenet_jax`), keyed by the source, the jaxlib
 version, the flags and the CPU model, so later processes load it as built.
 """
@@ -31,7 +32,16 @@ import numpy as np
 Array = jax.Array
 
 _SOURCE = Path(__file__).parent / "csrc" / "kernels.cc"
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+
+
+def _march() -> str:
+    """g++'s -march: this CPU's own instruction set unless $SHUFFLENET_JAX_MARCH names
+    another (x86-64-v3, AVX2 and FMA with 16 vector registers, checks that build on an
+    AVX-512 machine; the kernels pick their register blocking from it)."""
+    return os.environ.get("SHUFFLENET_JAX_MARCH", "native")
+
+
 _TARGETS = {  # FFI target name: C++ handler symbol
     "shufflenet_depthwise_kernel_grad": "ShufflenetDepthwiseKernelGrad",
     "shufflenet_dense_kernel_grad": "ShufflenetDenseKernelGrad",
@@ -69,7 +79,7 @@ def build_library() -> Path:
         source
         + jaxlib.__version__.encode()
         + compiler.encode()
-        + " ".join(_FLAGS).encode()
+        + " ".join((*_FLAGS, _march())).encode()
         + _cpu_model().encode()  # -march=native: a shared cache must not mix CPU models
     ).hexdigest()[:16]
     cache = _cache_dir()
@@ -84,7 +94,8 @@ def build_library() -> Path:
     # Compile to a private name, then rename: concurrent processes never load a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
-    cmd = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+    cmd = [compiler, *_FLAGS, f"-march={_march()}", "-isystem", jax.ffi.include_dir()]
+    cmd += [str(_SOURCE), "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         os.unlink(tmp)

@@ -263,17 +263,33 @@ def test_folded_native_stem_and_stages_compute_the_layers_for_every_width(width,
         assert err <= 1e-5 * max(1.0, np.max(np.abs(want))), (name, err)
 
 
-def test_unfolded_models_do_not_use_the_stem_and_stage_kernels():
+def test_eval_mode_models_use_the_stem_and_stage_kernels_and_training_does_not():
+    """model.eval() alone takes the fast path (BatchNorm folded inside the step); it computes
+    what XLA's layers compute, and training mode never uses the inference kernels."""
     from flax import nnx
 
-    from shufflenet_jax.models import ShuffleNetV2
+    from shufflenet_jax.models import ShuffleNetV2, abstract_model, with_values
+    from tests.helpers import random_values
 
+    x = jax.random.normal(jax.random.key(3), (2, 40, 36, 3))
+    out = {}
+    for impl, calls in (("native", (3, 1)), ("layers", (0, 0))):
+        model = with_values(
+            abstract_model(0.5, folded_impl=impl), random_values(abstract_model(0.5), 4)
+        )
+        model.eval()
+        stages = nnx.jit(lambda m, x: m.stages(x))
+        hlo = stages.lower(model, x).as_text()
+        assert (hlo.count("shufflenet_stage"), hlo.count("shufflenet_stem_pool")) == calls, impl
+        out[impl] = stages(model, x)
+    for name in ("maxpool", "stage2", "stage3", "stage4", "fc"):
+        want, got = np.asarray(out["layers"][name]), np.asarray(out["native"][name])
+        err = np.max(np.abs(got - want))
+        assert err <= 1e-5 * max(1.0, np.max(np.abs(want))), (name, err)
     model = ShuffleNetV2(0.5, rngs=nnx.Rngs(0))
-    x = jnp.ones((2, 32, 32, 3))
-    for mode in ("eval", "train"):
-        getattr(model, mode)()
-        hlo = nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
-        assert "shufflenet_stage" not in hlo and "shufflenet_stem_pool" not in hlo
+    model.train()
+    hlo = nnx.jit(lambda m, x: m(x)).lower(model, x).as_text()
+    assert "shufflenet_stage" not in hlo and "shufflenet_stem_pool" not in hlo
 
 
 def test_folded_stem_and_stages_lower_without_the_cpu_kernels_for_other_backends():

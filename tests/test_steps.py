@@ -40,18 +40,23 @@ def test_eval_step_equals_the_model_in_eval_mode(model):
 
 
 def test_train_step_lowers_the_loss_and_updates_batch_statistics():
+    """30 SGD steps memorise 8 random images. The path there is chaotic (train-mode BatchNorm
+    on 8 images; after 10 steps at lr 0.1 one CPU ended at 0.08 and another at 0.64 of the
+    first loss, and each implementation choice elsewhere), but where it ends is not: at lr 0.05
+    every init seed 0-3 and both the default and the lax implementations ended near 0.006 from
+    2.4, so a tenth of the first loss leaves a wide margin."""
     graphdef, params, stats = split_model(shufflenet_v2_x0_5(num_classes=10, rngs=nnx.Rngs(0)))
-    tx = optax.sgd(0.1)
+    tx = optax.sgd(0.05)
     step = make_train_step(graphdef, tx)
     x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
     y = jnp.arange(8) % 10
     stats0 = jax.tree.map(np.array, stats)
     opt_state = tx.init(params)
     losses = []
-    for _ in range(10):
+    for _ in range(30):
         params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
         losses.append(float(loss))
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.1 * losses[0], losses
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), stats0, stats))
     assert all(moved)
 
@@ -95,8 +100,12 @@ def test_training_compiler_options_leave_gradients_unchanged():
 
 
 def test_eval_compiler_options_leave_logits_unchanged(model):
+    """On XLA's layers (the C++ stage kernels leave XLA almost no matmuls to place)."""
     assert eval_compiler_options("cpu") and eval_compiler_options("gpu") == {}
-    graphdef, params, stats = split_model(model)
+    layers = with_values(
+        abstract_model(0.5, 10, folded_impl="layers"), nnx.to_pure_dict(nnx.state(model))
+    )
+    graphdef, params, stats = split_model(layers)
     x = jax.random.normal(jax.random.key(5), (8, 64, 64, 3))
     default, tuned = (
         make_eval_step(graphdef, {}),

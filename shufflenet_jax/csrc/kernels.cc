@@ -27,6 +27,7 @@
 #include <optional>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -34,6 +35,37 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+// Vectors of kLanes floats, one machine register each: 16 with AVX-512, else 8 (AVX2's ymm;
+// two q registers with NEON). With 16-float vectors on AVX2, GCC assembled every load and
+// store through general registers and the stack: the stage kernel ran 4x slower than XLA.
+// The micro-kernel's accumulators (kRows x kVectors vectors) must fit the vector registers
+// with room for kVectors loads of b and one broadcast, or they spill on every step of k: 24
+// of AVX-512's 32 zmm and 12 of AVX2's 16 ymm registers; 24 of NEON's 32 q registers; 8 of
+// SSE's 16 xmm registers (two per vector) elsewhere.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int64_t kRows = 6, kVectors = 4;
+#elif defined(__AVX2__) || defined(__ARM_NEON)
+constexpr int kLanes = 8;
+constexpr int64_t kRows = 6, kVectors = 2;
+#else
+constexpr int kLanes = 8;
+constexpr int64_t kRows = 4, kVectors = 1;
+#endif
+
+typedef float Vec __attribute__((vector_size(4 * kLanes)));
+typedef int32_t IVec __attribute__((vector_size(4 * kLanes)));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+inline Vec Broadcast(float s) { return Vec{} + s; }
 
 // Runs body(chunk) for chunk in [0, chunks) on the calling thread and helpers from XLA's
 // intra-op pool. The caller claims chunks too, so it never waits for a helper that has not
@@ -187,27 +219,25 @@ void ForEachTap(const Geometry& s, int64_t n, int64_t h, int64_t w, F&& f) {
   }
 }
 
-// Output channels go in NB blocks of 16-lane vectors (GCC vector extensions), the gradient
-// padded to NB * 16, so each block is whole vector operations; run-time-length channel loops
-// left most of the 24-channel stem in scalar remainder code, slower than XLA.
-typedef float v16 __attribute__((vector_size(64)));
-
+// Output channels go in NB blocks of kLanes-float vectors, the gradient padded to NB * kLanes,
+// so each block is whole vector operations; run-time-length channel loops left most of the
+// 24-channel stem in scalar remainder code, slower than XLA.
 template <int NB, int KH, int KW, int CIN>
 void DenseGradImages(const float* __restrict x, const float* __restrict g, const Geometry& s,
                      int64_t n0, int64_t n1, double* __restrict acc) {
   const int64_t taps = s.kh * s.kw * s.cin;
-  std::vector<v16> row_sum(taps * NB);
+  std::vector<Vec> row_sum(taps * NB);
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t h = 0; h < s.ho; ++h) {
-      std::fill(row_sum.begin(), row_sum.end(), v16{});
+      std::fill(row_sum.begin(), row_sum.end(), Vec{});
       for (int64_t w = 0; w < s.wo; ++w) {
-        v16 gv[NB] = {};
+        Vec gv[NB] = {};
         const float* grad = g + ((n * s.ho + h) * s.wo + w) * s.cout;
         float* lanes = reinterpret_cast<float*>(gv);
         for (int64_t o = 0; o < s.cout; ++o) lanes[o] = grad[o];
         ForEachTap<KH, KW, CIN>(s, n, h, w, [&](int64_t row, int64_t at) {
           const float v = x[at];
-          v16* r = row_sum.data() + row * NB;
+          Vec* r = row_sum.data() + row * NB;
           for (int b = 0; b < NB; ++b) r[b] += v * gv[b];
         });
       }
@@ -219,21 +249,26 @@ void DenseGradImages(const float* __restrict x, const float* __restrict g, const
   }
 }
 
-// Calls f(NB, stem) with NB = 16-lane blocks for cout (1 to 4) and stem = whether the kernel
-// is 3x3 over 3 input channels (compile-time loops), both as integral constants.
+constexpr int kMaxDenseOutputs = 64;
+
+// f(NB, stem) with NB == blocks as a compile-time constant, for NB * kLanes up to 64 outputs.
+template <int NB, typename F, typename Stem>
+std::optional<ffi::Error> WithBlocks(int64_t blocks, F& f, Stem stem) {
+  if (blocks == NB) {
+    f(std::integral_constant<int, NB>{}, stem);
+    return std::nullopt;
+  }
+  if constexpr ((NB + 1) * kLanes <= kMaxDenseOutputs) return WithBlocks<NB + 1>(blocks, f, stem);
+  return ffi::Error::InvalidArgument("dense conv: 1 to 64 output channels supported");
+}
+
+// Calls f(NB, stem) with NB = kLanes-float blocks for cout and stem = whether the kernel is
+// 3x3 over 3 input channels (compile-time loops), both as integral constants.
 template <typename F>
 std::optional<ffi::Error> Dispatch(const Geometry& s, F&& f) {
-  auto with_blocks = [&](auto stem) -> std::optional<ffi::Error> {
-    switch ((s.cout + 15) / 16) {
-      case 1: f(std::integral_constant<int, 1>{}, stem); return std::nullopt;
-      case 2: f(std::integral_constant<int, 2>{}, stem); return std::nullopt;
-      case 3: f(std::integral_constant<int, 3>{}, stem); return std::nullopt;
-      case 4: f(std::integral_constant<int, 4>{}, stem); return std::nullopt;
-    }
-    return ffi::Error::InvalidArgument("dense conv: 1 to 64 output channels supported");
-  };
-  if (s.kh == 3 && s.kw == 3 && s.cin == 3) return with_blocks(std::true_type{});
-  return with_blocks(std::false_type{});
+  const int64_t blocks = (s.cout + kLanes - 1) / kLanes;
+  if (s.kh == 3 && s.kw == 3 && s.cin == 3) return WithBlocks<1>(blocks, f, std::true_type{});
+  return WithBlocks<1>(blocks, f, std::false_type{});
 }
 
 ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
@@ -359,50 +394,39 @@ ffi::Error BatchNormGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=fast")  // a * b + c as one fused multiply-add
 
-typedef float V16 __attribute__((vector_size(64)));
-
-inline V16 Load(const float* p) {
-  V16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+// Lanes of (a, b) interleaved: a0 b0 a1 b1 ... (the low half of the lanes), then the high half.
+template <int... I>
+constexpr IVec InterleaveMask(std::integer_sequence<int, I...>, int half) {
+  return IVec{((I % 2) * kLanes + half * kLanes / 2 + I / 2)...};
 }
-
-inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
-
-typedef int32_t I16 __attribute__((vector_size(64)));
-constexpr I16 kInterleaveLow = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-constexpr I16 kInterleaveHigh = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-
-inline V16 Broadcast(float s) { return V16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
-
-constexpr int64_t kRows = 6;     // rows of the matmul micro-kernel
-constexpr int64_t kVectors = 4;  // 16-float columns of the micro-kernel
+constexpr IVec kInterleaveLow = InterleaveMask(std::make_integer_sequence<int, kLanes>{}, 0);
+constexpr IVec kInterleaveHigh = InterleaveMask(std::make_integer_sequence<int, kLanes>{}, 1);
 
 inline int64_t RoundUp16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// c_r[0:16*NV] = act(a[r, 0:k] @ b[0:k, 0:16*NV] + bias) for r < MR; rows of a and b are
+// c_r[0:kLanes*NV] = act(a[r, 0:k] @ b[0:k, 0:kLanes*NV] + bias) for r < MR; rows of a and b are
 // lda and ldb apart, c_r = c(r). The accumulators stay in registers for the whole of k.
 template <int MR, int NV, typename RowOut>
 void MicroKernel(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
                  int64_t k, const float* __restrict bias, bool relu, const RowOut& c) {
-  V16 acc[MR][NV];
+  Vec acc[MR][NV];
   for (int v = 0; v < NV; ++v) {
-    const V16 bv = Load(bias + 16 * v);
+    const Vec bv = Load(bias + kLanes * v);
     for (int r = 0; r < MR; ++r) acc[r][v] = bv;
   }
   for (int64_t p = 0; p < k; ++p) {
-    V16 bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Load(b + p * ldb + 16 * v);
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Load(b + p * ldb + kLanes * v);
     for (int r = 0; r < MR; ++r) {
-      const V16 av = Broadcast(a[r * lda + p]);
+      const Vec av = Broadcast(a[r * lda + p]);
       for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
     }
   }
-  const V16 zero{};
+  const Vec zero{};
   for (int r = 0; r < MR; ++r) {
     float* row = c(r);
     for (int v = 0; v < NV; ++v) {
-      Store(row + 16 * v, relu ? (acc[r][v] > zero ? acc[r][v] : zero) : acc[r][v]);
+      Store(row + kLanes * v, relu ? (acc[r][v] > zero ? acc[r][v] : zero) : acc[r][v]);
     }
   }
 }
@@ -410,11 +434,11 @@ void MicroKernel(const float* __restrict a, int64_t lda, const float* __restrict
 template <int MR, typename RowOut>
 void MicroColumns(int64_t nv, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k,
                   const float* bias, bool relu, const RowOut& c) {
-  switch (nv) {
+  switch (std::min<int64_t>(nv, kVectors)) {  // only widths up to kVectors are instantiated
     case 1: return MicroKernel<MR, 1>(a, lda, b, ldb, k, bias, relu, c);
-    case 2: return MicroKernel<MR, 2>(a, lda, b, ldb, k, bias, relu, c);
-    case 3: return MicroKernel<MR, 3>(a, lda, b, ldb, k, bias, relu, c);
-    default: return MicroKernel<MR, 4>(a, lda, b, ldb, k, bias, relu, c);
+    case 2: return MicroKernel<MR, (kVectors < 2 ? 1 : 2)>(a, lda, b, ldb, k, bias, relu, c);
+    case 3: return MicroKernel<MR, (kVectors < 3 ? 1 : 3)>(a, lda, b, ldb, k, bias, relu, c);
+    default: return MicroKernel<MR, kVectors>(a, lda, b, ldb, k, bias, relu, c);
   }
 }
 
@@ -423,8 +447,8 @@ void MicroColumns(int64_t nv, const float* a, int64_t lda, const float* b, int64
 template <typename RowPtr>
 void Matmul(const float* a, int64_t lda, int64_t rows, int64_t k, const float* b, int64_t np,
             const float* bias, bool relu, const RowPtr& out) {
-  for (int64_t j = 0; j < np; j += 16 * kVectors) {
-    const int64_t nv = std::min<int64_t>(kVectors, (np - j) / 16);
+  for (int64_t j = 0; j < np; j += kLanes * kVectors) {
+    const int64_t nv = std::min<int64_t>(kVectors, (np - j) / kLanes);
     for (int64_t i = 0; i < rows; i += kRows) {
       const float* ai = a + i * lda;
       auto c = [&](int64_t r) { return out(i + r) + j; };
@@ -455,8 +479,8 @@ void Depthwise(const float* __restrict in, int64_t in_cols, int64_t cp, int64_t 
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t w = 0; w < cols; ++w) {
       float* o = out + (r * cols + w) * cp;
-      for (int64_t c = 0; c < cp; c += 16) {
-        V16 acc = Load(bias + c);
+      for (int64_t c = 0; c < cp; c += kLanes) {
+        Vec acc = Load(bias + c);
         for (int64_t i = 0; i < 3; ++i) {
           const float* row = in + ((s * r + i) * in_cols + s * w) * cp + c;
           for (int64_t j = 0; j < 3; ++j) acc += Load(row + j * cp) * Load(k + (3 * i + j) * cp + c);
@@ -579,10 +603,10 @@ void UnitRows(const Unit& unit, const float* image, int64_t r0, int64_t r1, floa
     const float* q = odd + p * hp;
     float* dst = o + p * 2 * u.half;
     int64_t k = 0;
-    for (; k + 16 <= u.half; k += 16) {
-      const V16 ev = Load(e + k), qv = Load(q + k);
+    for (; k + kLanes <= u.half; k += kLanes) {
+      const Vec ev = Load(e + k), qv = Load(q + k);
       Store(dst + 2 * k, __builtin_shuffle(ev, qv, kInterleaveLow));
-      Store(dst + 2 * k + 16, __builtin_shuffle(ev, qv, kInterleaveHigh));
+      Store(dst + 2 * k + kLanes, __builtin_shuffle(ev, qv, kInterleaveHigh));
     }
     for (; k < u.half; ++k) {
       dst[2 * k] = e[k];
@@ -693,15 +717,15 @@ void StemRows(const float* image, int64_t h, int64_t w, int64_t cin, const Point
     for (int64_t pc = 0; pc < wp; ++pc) {
       const int64_t q0 = std::max<int64_t>(0, 2 * pc - 1), q1 = std::min<int64_t>(wc, 2 * pc + 2);
       float* dst = out + (pr * wp + pc) * cout;
-      for (int64_t c = 0; c < cp; c += 16) {
-        V16 m = Load(rows + ((r0 - c0) * wc + q0) * cp + c);
+      for (int64_t c = 0; c < cp; c += kLanes) {
+        Vec m = Load(rows + ((r0 - c0) * wc + q0) * cp + c);
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t q = q0; q < q1; ++q) {
-            const V16 v = Load(rows + ((r - c0) * wc + q) * cp + c);
+            const Vec v = Load(rows + ((r - c0) * wc + q) * cp + c);
             m = v > m ? v : m;
           }
         }
-        if (c + 16 <= cout) {
+        if (c + kLanes <= cout) {
           Store(dst + c, m);
         } else {
           for (int64_t i = c; i < cout; ++i) dst[i] = m[i - c];
