@@ -292,11 +292,12 @@ class ShuffleNetV2(nnx.Module):
             )
         out = {}
         image = x
+        native_stem = self.folded_impl == "native" and is_inference_norm(self.conv1.layers[1])
         for name in STAGE_NAMES:
-            x = getattr(self, name)(x)
-            native_stem = self.folded_impl == "native" and is_inference_norm(self.conv1.layers[1])
-            if name == "maxpool" and native_stem:
+            if name == "maxpool" and native_stem:  # the stem's conv and pool in one C++ call
                 x = _native_with_layers_gradient(self.conv1, _stem_native, _stem_layers, image)
+            else:
+                x = getattr(self, name)(x)
             out[name] = x
         out["fc"] = self.fc(ops.global_average_pool(x))
         return out
