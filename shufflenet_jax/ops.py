@@ -416,9 +416,9 @@ def _max_pool_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array]:
     views, to_input = jax.vjp(lambda x: _windows(x.astype(acc), 3, 3, 2, -jnp.inf), x)
     taken = jnp.zeros(out.shape, bool)
     routed = []
-    g = g.astype(acc)
+    g, out = g.astype(acc), out.astype(acc)
     for v in views:
-        hit = (v == out.astype(acc)) & ~taken
+        hit = (v == out) & ~taken
         taken = taken | hit
         routed.append(jnp.where(hit, g, jnp.zeros_like(g)))
     return to_input(routed)
