@@ -1,9 +1,9 @@
 """Evaluate a model: `python eval.py --config configs/digits.py --workdir runs/digits`.
 
 Exactly one of --workdir (a training run: its newest checkpoint, and the EMA weights if any),
---checkpoint (a model checkpoint directory, e.g. from shufflenet_jax.convert or DIR/best/STEP)
-or --torch_weights (a torchvision .pth state_dict). With --image, classify those files instead
-of evaluating a split.
+--checkpoint (a model checkpoint directory, e.g. from shufflenet_jax.interop.convert or
+DIR/best/STEP) or --torch_weights (a torchvision .pth state_dict). With --image, classify those
+files instead of evaluating a split.
 """
 
 import json
@@ -12,8 +12,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from shufflenet_jax import evaluation, input_pipeline
-from shufflenet_jax.hostmem import setup_process
+from shufflenet_jax import evaluation
+from shufflenet_jax.data import pipeline as input_pipeline
+from shufflenet_jax.process import setup_process
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The model and data config.", lock_config=False)
@@ -41,7 +42,8 @@ def _table(results: dict) -> str:
 
 def main(argv):
     del argv
-    print(setup_process())
+    for line in setup_process():
+        print(line)
     if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     config = FLAGS.config
@@ -53,8 +55,10 @@ def main(argv):
             torch_weights=FLAGS.torch_weights,
         )
         if FLAGS.image:
-            names = evaluation.imagenet_class_names() if config.num_classes == 1000 else None
-            transform = input_pipeline.EvalTransform(config.image_size, config.eval_resize)
+            names = evaluation.imagenet_class_names() if config.model.num_classes == 1000 else None
+            transform = input_pipeline.EvalTransform(
+                config.data.image_size, config.data.eval_resize
+            )
             results = evaluation.classify_images(models["model"], FLAGS.image, transform, names)
             for r in results:
                 if "error" in r:
@@ -72,7 +76,7 @@ def main(argv):
                 name: evaluation.evaluate_model(model, config, split)[0]
                 for name, model in models.items()
             }
-            print(f"{config.dataset}/{split.split}")
+            print(f"{config.data.dataset}/{split.split}")
             print(_table(results))
             failed = False
     except (ValueError, FileNotFoundError) as e:

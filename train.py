@@ -1,7 +1,8 @@
 """Train ShuffleNet V2: `python train.py --config configs/digits.py --workdir runs/digits`.
 
-Any config field can be overridden: `--config.total_steps=200 --config.batch_size=32`. A
-workdir with checkpoints resumes from the newest good one. Multi-host: pass
+Any config field can be overridden by section, e.g. `--config.train.total_steps=200
+--config.optim.base_learning_rate=0.05`. A workdir with checkpoints resumes from the newest good
+one. Multi-host: pass
 `--coordinator_address host:port --num_processes N --process_id I` (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host.
 """
@@ -13,8 +14,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from shufflenet_jax import training
-from shufflenet_jax.hostmem import setup_process
+from shufflenet_jax.process import setup_process
+from shufflenet_jax.train.loop import train_and_evaluate
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -35,22 +36,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    print(setup_process())
+    for line in setup_process(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
+        print(line)
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
-    if FLAGS.coordinator_address:
-        training.initialize_distributed(
-            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-        )
     try:
-        result = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
+    step = int(result.state.step)
     if jax.process_index() == 0:
         if result.eval_metrics is not None:
             print(f"final eval: top-1 {result.eval_metrics['top1']:.4f}")
-        elif not result.stopped_by_signal and int(result.state.step) >= FLAGS.config.total_steps:
-            print(f"{FLAGS.workdir} is already at step {int(result.state.step)}: nothing to do")
+        elif not result.stopped_by_signal and step >= FLAGS.config.train.total_steps:
+            print(f"{FLAGS.workdir} is already at step {step}: nothing to do")
 
 
 if __name__ == "__main__":

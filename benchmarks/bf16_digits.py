@@ -19,8 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.digits import get_config  # noqa: E402
-from shufflenet_jax import prepare, training  # noqa: E402
-from shufflenet_jax.hostmem import setup_process  # noqa: E402
+from shufflenet_jax.data import prepare  # noqa: E402
+from shufflenet_jax.process import setup_process  # noqa: E402
+from shufflenet_jax.train.loop import train_and_evaluate  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     p.add_argument("--max_gap", type=float, default=0.01)
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
-    print(setup_process())
+    print(*setup_process(), sep="\n")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or str(Path(tmp) / "tfds")
         prepare.prepare("digits", data_dir=data_dir)
@@ -38,8 +39,12 @@ def main() -> None:
         for seed in args.seeds:
             for dtype in top1:
                 config = get_config()
-                config.data_dir, config.seed, config.compute_dtype = data_dir, seed, dtype
-                result = training.train_and_evaluate(config, Path(tmp) / f"{dtype}_{seed}")
+                config.data.data_dir, config.train.seed, config.train.compute_dtype = (
+                    data_dir,
+                    seed,
+                    dtype,
+                )
+                result = train_and_evaluate(config, Path(tmp) / f"{dtype}_{seed}")
                 top1[dtype].append(result.eval_metrics["top1"])
                 print(f"seed {seed} {dtype}: top-1 {top1[dtype][-1]:.4f}", flush=True)
     means = {k: statistics.mean(v) for k, v in top1.items()}

@@ -76,15 +76,15 @@ json.dump(info, open('$out/versions.json', 'w'), indent=1)"
 # float32 tolerances of the equivalence tests assume float32 matmuls, not TF32
 JAX_DEFAULT_MATMUL_PRECISION=highest stage tests 100 "$py" -m pytest -q -p no:cacheprovider \
   --junitxml="$out/tests.xml" "${tests[@]}"
-stage bf16_errors 40 "$py" -m shufflenet_jax.precision "${precision[@]}" \
+stage bf16_errors 40 "$py" -m lab.precision "${precision[@]}" \
   --json "$out/bf16_errors.json"
 stage throughput_1_0 150 "$py" benchmarks/throughput.py --fake-data "${big[@]}" \
   --json "$out/throughput_1_0.json"
 stage throughput_0_5 60 "$py" benchmarks/throughput.py --fake-data "${small[@]}" \
   --json "$out/throughput_0_5.json"
-stage fusion_unit 25 "$py" -m shufflenet_jax.fusion --target unit --mode train "${fusion[@]}" \
+stage fusion_unit 25 "$py" -m lab.fusion --target unit --mode train "${fusion[@]}" \
   --json "$out/fusion_unit_train.json"
-stage fusion_net 35 "$py" -m shufflenet_jax.fusion --target net --mode forward --compare shuffle \
+stage fusion_net 35 "$py" -m lab.fusion --target net --mode forward --compare shuffle \
   "${fusion[@]}" --json "$out/fusion_net_forward.json"
 
 cat "$out/stages.tsv"

@@ -20,8 +20,8 @@ import optax
 import torch
 from flax import nnx
 
-from shufflenet_jax.compare import random_torchvision_model
-from shufflenet_jax.convert import grads_to_torch, load_torchvision
+from shufflenet_jax.interop.compare import random_torchvision_model
+from shufflenet_jax.interop.convert import grads_to_torch, load_torchvision
 
 
 def torch_grads(model, x, labels, dtype) -> dict[str, np.ndarray]:

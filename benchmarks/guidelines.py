@@ -20,7 +20,7 @@ import time
 
 import jax
 
-from shufflenet_jax import guidelines
+from lab import guidelines
 
 
 def measure(rows, batch: int, repeats: int) -> list[dict]:

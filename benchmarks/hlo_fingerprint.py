@@ -4,8 +4,8 @@
 
 Prints a hash of each step's optimized HLO with source locations and stack frames removed, so
 two commits (or two machines) can be compared: the same hash means XLA runs the same program,
-and so the same speed. ShuffleNet V2 train step (SGD with momentum, `steps.make_train_step`)
-and the folded inference step (`steps.make_eval_step`), 224x224.
+and so the same speed. ShuffleNet V2 train step (SGD with momentum, `step.make_train_step`)
+and the folded inference step (`step.make_predict`), 224x224.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from shufflenet_jax.folding import fold_batchnorm
-from shufflenet_jax.models import ShuffleNetV2
-from shufflenet_jax.steps import make_eval_step, make_train_step, split_model
+from shufflenet_jax.model import ShuffleNetV2, fold_batchnorm
+from shufflenet_jax.train.state import TrainState
+from shufflenet_jax.train.step import make_predict, make_train_step, split_model
 
 
 def program_text(hlo: str) -> str:
@@ -41,12 +41,12 @@ def main() -> None:
     x = jnp.ones((args.batch, 224, 224, 3))
     graphdef, params, stats = split_model(model)
     tx = optax.sgd(0.1, momentum=0.9)
-    train = make_train_step(graphdef, tx).lower(
-        params, stats, tx.init(params), x, jnp.zeros((args.batch,), jnp.int32)
-    )
+    state = TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), None)
+    batch = {"image": x, "label": jnp.zeros((args.batch,), jnp.int32)}
+    train = make_train_step(graphdef, tx).lower(state, batch)
     model.eval()
     folded_graphdef, *folded_state = split_model(fold_batchnorm(model))
-    infer = make_eval_step(folded_graphdef).lower(*folded_state, x)
+    infer = make_predict(folded_graphdef).lower(*folded_state, x)
     for name, lowered in (("train", train), ("infer_folded", infer)):
         text = program_text(lowered.compile().as_text())
         print(f"{name:<14} {hashlib.sha256(text.encode()).hexdigest()[:16]}  {len(text)} chars")

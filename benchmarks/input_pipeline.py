@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shufflenet_jax import input_pipeline as ip
-from shufflenet_jax import prepare
+from shufflenet_jax.data import pipeline as ip
+from shufflenet_jax.data import prepare
 
 SETTINGS = [(0, 0), (0, 4), (0, 16), (2, 0), (2, 4)]  # (worker processes, read threads)
 

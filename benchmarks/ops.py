@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lab import variants
 from shufflenet_jax import ops
-from shufflenet_jax.steps import train_compiler_options
+from shufflenet_jax.train.step import train_compiler_options
 
 
 def _ms(fn, *args, repeats: int) -> float:
@@ -37,7 +38,7 @@ def _ms(fn, *args, repeats: int) -> float:
 
 def cases(batch: int):
     """(name, implementation, op(x, w), x shape, w shape) at the network's shapes."""
-    for impl, fn in ops.DENSE_IMPLS.items():
+    for impl, fn in variants.DENSE.items():
         yield (
             "stem 3x3/2 3->24",
             impl,
@@ -45,7 +46,7 @@ def cases(batch: int):
             (batch, 224, 224, 3),
             (3, 3, 3, 24),
         )
-    for impl, fn in ops.DEPTHWISE_IMPLS.items():
+    for impl, fn in variants.DEPTHWISE.items():
         yield (
             "dw 3x3/1 28x28x58",
             impl,
@@ -60,7 +61,7 @@ def cases(batch: int):
             (batch, 56, 56, 58),
             (3, 3, 1, 58),
         )
-    for impl, fn in ops.POINTWISE_IMPLS.items():
+    for impl, fn in variants.POINTWISE.items():
         yield "1x1 28x28 58->58", impl, fn, (batch, 28, 28, 58), (1, 1, 58, 58)
         yield "1x1 56x56 24->58", impl, fn, (batch, 56, 56, 24), (1, 1, 24, 58)
 

@@ -28,7 +28,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import JaxCase  # noqa: E402
 
-from shufflenet_jax.hostmem import setup_process  # noqa: E402
+from shufflenet_jax.process import setup_process  # noqa: E402
 
 _NOT_OPS = ("ThunkExecutor", "$", "Pjit", "SlinkyThreadPool", "end: ")
 
@@ -62,16 +62,16 @@ def main() -> None:
     p.add_argument("--xla-default-train-options", action="store_true")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
-    print(setup_process())  # as train.py and eval.py do
+    print(*setup_process(), sep="\n")  # as train.py and eval.py do
     options = {} if args.xla_default_train_options else None
     case = JaxCase(args.width, args.batch, args.size, True, options)
     step = getattr(case, args.mode)
     step()
     step()
     if args.mode == "train":
-        hlo = case.train_step.lower(case.params, case.stats, case.opt_state, case.x, case.y)
+        hlo = case.train_step.lower(case.state, case.batch)
     else:
-        hlo = case.eval_step.lower(*case.infer_state, case.x)
+        hlo = case.predict.lower(*case.infer_state, case.x)
     shapes = hlo_shapes(hlo.compile().as_text())
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)

@@ -1,7 +1,7 @@
 """Side-by-side throughput of ShuffleNet V2: JAX (this package) against torchvision, same process.
 
     python benchmarks/throughput.py [--widths 1.0] [--batches 1 32] [--repeats 5]
-        [--torch-compile] [--no-fold-bn] [--folded_impl layers] [--json OUT]
+        [--torch-compile] [--no-fold-bn] [--ops fused:layers] [--json OUT]
     python benchmarks/throughput.py --fake-data [--fake-dtype bfloat16] --batches 256
 
 For each width and batch size it measures, alternating the frameworks round by round after a
@@ -37,12 +37,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from shufflenet_jax.folding import fold_batchnorm
-from shufflenet_jax.hostmem import cpu_is_default_backend, setup_process
-from shufflenet_jax.models import ShuffleNetV2
-from shufflenet_jax.steps import (
+from lab import variants
+from shufflenet_jax.model import Ops, ShuffleNetV2, fold_batchnorm
+from shufflenet_jax.process import cpu_is_default_backend, setup_process
+from shufflenet_jax.train.state import TrainState
+from shufflenet_jax.train.step import (
     eval_compiler_options,
-    make_eval_step,
+    make_predict,
     make_train_step,
     split_model,
     train_compiler_options,
@@ -65,7 +66,8 @@ def _timed_first_call(fn: Callable[[], None]) -> float:
 
 
 class JaxCase:
-    """Jitted eval and train steps of one ShuffleNetV2 configuration on one batch."""
+    """The library's jitted predict and train steps of one ShuffleNetV2 configuration on one
+    batch (`ops`: the implementations, `lab.variants`)."""
 
     def __init__(
         self,
@@ -75,36 +77,35 @@ class JaxCase:
         fold_bn: bool,
         train_options: dict | None = None,
         eval_options: dict | None = None,
-        **model_kwargs,
+        ops: Ops | None = None,
     ):
-        model = ShuffleNetV2(width, rngs=nnx.Rngs(0), **model_kwargs)
+        model = ShuffleNetV2(width, rngs=nnx.Rngs(0), **({} if ops is None else {"ops": ops}))
         model.eval()
         infer_graphdef, *self.infer_state = split_model(fold_batchnorm(model) if fold_bn else model)
-        self.eval_step = make_eval_step(infer_graphdef, eval_options)
-        self.graphdef, self.params, self.stats = split_model(model)
-        self.tx = optax.sgd(LR, momentum=MOMENTUM)
-        self.opt_state = self.tx.init(self.params)
-        self.train_step = make_train_step(self.graphdef, self.tx, train_options)
+        self.predict = make_predict(infer_graphdef, eval_options)
+        graphdef, params, stats = split_model(model)
+        tx = optax.sgd(LR, momentum=MOMENTUM)
+        self.state = TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), None)
+        self.train_step = make_train_step(graphdef, tx, compiler_options=train_options)
         rng = np.random.default_rng(0)
         self.x = jnp.asarray(rng.random((batch, size, size, 3), np.float32))
-        self.y = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
-        self.identity = jax.jit(lambda *a: a, donate_argnums=(0, 1, 2))
+        self.batch = {
+            "image": self.x,
+            "label": jnp.asarray(rng.integers(0, 1000, batch), jnp.int32),
+        }
+        self.identity = jax.jit(lambda *a: a, donate_argnums=0)
 
     def infer(self) -> None:
-        self.eval_step(*self.infer_state, self.x).block_until_ready()
+        self.predict(*self.infer_state, self.x).block_until_ready()
 
     def train(self) -> None:
-        self.params, self.stats, self.opt_state, loss = self.train_step(
-            self.params, self.stats, self.opt_state, self.x, self.y
-        )
-        loss.block_until_ready()
+        self.state, metrics = self.train_step(self.state, self.batch)
+        metrics["loss"].block_until_ready()
 
     def dispatch_only(self) -> None:
         """The train step's host work without its compute: same pytrees in and out."""
-        self.params, self.stats, self.opt_state, *_ = self.identity(
-            self.params, self.stats, self.opt_state, self.x, self.y
-        )
-        jax.block_until_ready(self.params)
+        self.state, _ = self.identity(self.state, self.batch)
+        jax.block_until_ready(self.state)
 
     def memory_bytes(self) -> dict[str, int]:
         def total(jitted, *args):
@@ -114,10 +115,8 @@ class JaxCase:
             return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
 
         return {
-            "infer": total(self.eval_step, *self.infer_state, self.x),
-            "train": total(
-                self.train_step, self.params, self.stats, self.opt_state, self.x, self.y
-            ),
+            "infer": total(self.predict, *self.infer_state, self.x),
+            "train": total(self.train_step, self.state, self.batch),
         }
 
 
@@ -164,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
                     args.fold_bn,
                     args.train_options,
                     args.eval_options,
-                    **args.jax_kwargs,
+                    variants.parse(args.ops),
                 ),
                 "torch_eager": TorchCase(width, batch, args.size, False, False),
                 "torch_channels_last": TorchCase(width, batch, args.size, True, False),
@@ -209,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         **_versions(),
         "isa": args.isa,
         "dtype": "float32",
-        "jax_model_kwargs": args.jax_kwargs,
+        "jax_ops": args.ops or "defaults",
         "jax_infer_fold_bn": args.fold_bn,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "host_malloc_reuse": args.host_malloc_applied,
@@ -255,28 +254,20 @@ class JaxTrainCase:
     batch made on the devices; compiled ahead of time, so compile time is measured alone."""
 
     def __init__(self, width: float, batch: int, size: int, dtype: str):
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from shufflenet_jax import input_pipeline, training
+        from shufflenet_jax.data import pipeline as input_pipeline
+        from shufflenet_jax.train import parallel
+        from shufflenet_jax.train.state import create_model, create_train_state
+        from shufflenet_jax.train.step import train_step_for
 
         config = _imagenet_config(width)
-        config.batch_size, config.compute_dtype = batch, dtype
-        mesh = training.make_mesh()
-        training.check_batch(batch, mesh)
-        data = NamedSharding(mesh, PartitionSpec("data"))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        graphdef, tx, state = training.create_optimizer_and_state(
-            config, training.create_model(config)
-        )
-        self.state = jax.device_put(state, replicated)
-        self.batch = next(input_pipeline.fake_batches(data, batch, size, config.num_classes))
-        jitted = jax.jit(
-            training.make_train_step(config, graphdef, tx),
-            in_shardings=(replicated, data),
-            out_shardings=(replicated, replicated),
-            donate_argnums=0,
-        )
-        lowered = jitted.lower(self.state, self.batch)
+        config.train.batch_size, config.train.compute_dtype = batch, dtype
+        mesh = parallel.make_mesh()
+        parallel.check_batch(batch, mesh)
+        data = parallel.data_sharding(mesh)
+        graphdef, tx, state = create_train_state(config, create_model(config))
+        self.state = jax.device_put(state, parallel.replicated(mesh))
+        self.batch = next(input_pipeline.fake_batches(data, batch, size, config.model.num_classes))
+        lowered = train_step_for(config, graphdef, tx, mesh).lower(self.state, self.batch)
         start = time.perf_counter()
         self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - start
@@ -486,10 +477,9 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=64, help="images per timing round")
-    p.add_argument("--dense_impl", default=None)
-    p.add_argument("--depthwise_impl", default=None)
-    p.add_argument("--pointwise_impl", default=None)
-    p.add_argument("--folded_impl", default=None, help="layers or native (the default)")
+    p.add_argument(
+        "--ops", default="", help="implementations, e.g. dense:lax,fused:layers (lab.variants)"
+    )
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     p.add_argument(
         "--no-fold-bn",
@@ -543,7 +533,7 @@ def main() -> None:
         "--host-malloc",
         default="reuse",
         choices=["reuse", "glibc-default"],
-        help="reuse (default, as train.py and eval.py): hostmem.setup_process() for "
+        help="reuse (default, as train.py and eval.py): process.setup_process() for "
         "the whole process, both frameworks; glibc-default: every step's large buffers are "
         "fresh mmaps that page-fault (docs/performance.md)",
     )
@@ -552,7 +542,7 @@ def main() -> None:
     args = p.parse_args()
     apply_isa(args.isa)
     if args.host_malloc == "reuse":
-        print(setup_process())  # as train.py and eval.py do
+        print(*setup_process(), sep="\n")  # as train.py and eval.py do
     args.host_malloc_applied = args.host_malloc == "reuse" and cpu_is_default_backend()
     if args.omp_wait_policy != "unset":
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before torch is imported
@@ -566,16 +556,6 @@ def main() -> None:
                     indent=1,
                 )
         return
-    args.jax_kwargs = {
-        k: v
-        for k, v in (
-            ("dense_impl", args.dense_impl),
-            ("depthwise_impl", args.depthwise_impl),
-            ("pointwise_impl", args.pointwise_impl),
-            ("folded_impl", args.folded_impl),
-        )
-        if v
-    }
     report = run(args)
     if args.json:
         with open(args.json, "w") as f:

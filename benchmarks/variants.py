@@ -1,17 +1,18 @@
 """JAX-only A/B of model implementation choices, alternating in one process.
 
     python benchmarks/variants.py --mode train --batch 32 \
-        --variant default= --variant xla_grads=dense_impl:im2col,depthwise_impl:shifted
-    python benchmarks/variants.py --mode infer --variant default= --variant im2col=dense_impl:im2col
+        --variant default= --variant xla_grads=dense:im2col,depthwise:shifted
+    python benchmarks/variants.py --mode infer --variant native= --variant layers=fused:layers
 
-Each `--variant NAME=key:value,...` builds benchmarks/throughput.py's JaxCase with those model
-keyword arguments (`train_options:xla` compiles the train step with XLA's default options
-instead of steps.train_compiler_options(); `xla.NAME:VALUE` sets one XLA option of the timed
-step over its defaults, steps.train_compiler_options() or steps.eval_compiler_options(),
-and `xla.NAME:-` removes it). After a warm-up the variants run round by round,
-`--repeats` rounds of `--images` images each; it prints the median images/s per variant and
-its ratio to the first. Outputs of all variants are checked to agree first (inference logits,
-or the first training step's loss), so a faster variant is a faster way to the same numbers.
+Each `--variant NAME=key:value,...` builds benchmarks/throughput.py's JaxCase with those
+implementations (`op:name` as in `lab.variants`; `train_options:xla` compiles the train step
+with XLA's default options instead of step.train_compiler_options(); `xla.NAME:VALUE` sets
+one XLA option of the timed step over its defaults, step.train_compiler_options() or
+step.eval_compiler_options(), and `xla.NAME:-` removes it). After a warm-up the variants run
+round by round, `--repeats` rounds of `--images` images each; it prints the median images/s
+per variant and its ratio to the first. Outputs of all variants are checked to agree first
+(inference logits, or the first training step's loss), so a faster variant is a faster way to
+the same numbers.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import statistics
 import numpy as np
 from throughput import JaxCase, _median_seconds, add_isa_option, apply_isa
 
-from shufflenet_jax.hostmem import setup_process
-from shufflenet_jax.steps import eval_compiler_options, train_compiler_options
+from lab import variants
+from shufflenet_jax.process import setup_process
+from shufflenet_jax.train.step import eval_compiler_options, train_compiler_options
 
 
 def parse_variant(text: str, mode: str) -> tuple[str, dict]:
@@ -41,7 +43,8 @@ def parse_variant(text: str, mode: str) -> tuple[str, dict]:
             key, defaults = "eval_options", eval_compiler_options()
         merged = {**kwargs.get(key, defaults), **options}
         kwargs[key] = {k: v for k, v in merged.items() if v != "-"}
-    return name, kwargs
+    names = {k: kwargs.pop(k) for k in list(kwargs) if k in variants.CATALOGS}
+    return name, {**kwargs, "ops": variants.named_ops(**names)}
 
 
 def main() -> None:
@@ -57,20 +60,18 @@ def main() -> None:
     add_isa_option(p)
     args = p.parse_args()
     apply_isa(args.isa)
-    print(setup_process())  # as train.py and eval.py do
+    print(*setup_process(), sep="\n")  # as train.py and eval.py do
 
     cases = {}
     for name, kwargs in (parse_variant(v, args.mode) for v in args.variant):
         cases[name] = JaxCase(args.width, args.batch, args.size, fold_bn=True, **kwargs)
     if args.mode == "infer":
-        outs = {n: np.asarray(c.eval_step(*c.infer_state, c.x)) for n, c in cases.items()}
+        outs = {n: np.asarray(c.predict(*c.infer_state, c.x)) for n, c in cases.items()}
     else:
         outs = {}
         for n, c in cases.items():
-            c.params, c.stats, c.opt_state, loss = c.train_step(
-                c.params, c.stats, c.opt_state, c.x, c.y
-            )
-            outs[n] = np.asarray(loss)
+            c.state, metrics = c.train_step(c.state, c.batch)
+            outs[n] = np.asarray(metrics["loss"])
     first = next(iter(outs.values()))
     for n, out in outs.items():
         np.testing.assert_allclose(out, first, rtol=1e-4, atol=1e-4, err_msg=f"variant {n}")

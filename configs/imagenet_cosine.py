@@ -10,6 +10,6 @@ from configs.imagenet import get_config as official
 
 def get_config(width: str = "1.0") -> ml_collections.ConfigDict:
     c = official(width)
-    c.schedule = "cosine"
-    c.warmup_steps = 6_255  # 5 epochs of 1,281,167 images at batch 1024
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 6_255  # 5 epochs of 1,281,167 images at batch 1024
     return c

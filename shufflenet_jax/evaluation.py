@@ -12,25 +12,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from shufflenet_jax import checkpoint, convert, input_pipeline, training
-from shufflenet_jax.layers import BatchNorm
-from shufflenet_jax.models import ShuffleNetV2, abstract_model, check_width
+from shufflenet_jax.data import configured
+from shufflenet_jax.data import pipeline as input_pipeline
+from shufflenet_jax.interop import checkpoint, convert
+from shufflenet_jax.model.layers import BatchNorm
+from shufflenet_jax.model.network import ShuffleNetV2, abstract_model
+from shufflenet_jax.train import checkpoints, parallel, step
+from shufflenet_jax.train.state import model_kwargs
 
 
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet-1k class names in label order (shipped with the package)."""
-    text = resources.files("shufflenet_jax").joinpath("imagenet_classes.txt").read_text()
+    text = resources.files("shufflenet_jax.data").joinpath("imagenet_classes.txt").read_text()
     return text.splitlines()
 
 
 def _check_model(model: ShuffleNetV2, config: Any, source: str) -> None:
-    width = check_width(config.width)
-    if (model.width, model.num_classes) != (width, config.num_classes):
+    kwargs = model_kwargs(config)
+    width, classes = kwargs["width"], kwargs["num_classes"]
+    if (model.width, model.num_classes) != (width, classes):
         raise ValueError(
             f"{source} holds a {model.width}x model with {model.num_classes} classes; the config "
-            f"asks for {width}x with {config.num_classes}"
+            f"asks for {width}x with {classes}"
         )
 
 
@@ -53,20 +57,19 @@ def load_models(
         model = convert.load_torchvision(str(torch_weights))
         _check_model(model, config, str(torch_weights))
         return {"model": model}
-    state = training.latest_state(config, workdir)
-    if state is None:
+    weights = checkpoints.latest_weights(config, workdir)
+    if weights is None:
         raise ValueError(f"{workdir} has no usable training checkpoint")
-    graphdef, _, _ = nnx.split(
-        abstract_model(check_width(config.width), config.num_classes), nnx.Param, nnx.BatchStat
-    )
-    models = {"model": nnx.merge(graphdef, state.params, state.batch_stats)}
-    if state.ema_params is not None:
-        models["ema"] = nnx.merge(graphdef, state.ema_params, state.batch_stats)
+    graphdef = nnx.graphdef(abstract_model(**model_kwargs(config)))
+    models = {"model": nnx.merge(graphdef, weights["params"], weights["batch_stats"])}
+    if "ema_params" in weights:
+        models["ema"] = nnx.merge(graphdef, weights["ema_params"], weights["batch_stats"])
     return models
 
 
 def eval_split(config: Any, split: str | None = None) -> input_pipeline.Split:
-    return input_pipeline.load_split(config.dataset, split or config.eval_split, config.data_dir)
+    """`split` of the config's dataset, by default its `eval_split`."""
+    return configured.load_split(config, split or config.data.eval_split)
 
 
 def evaluate_model(
@@ -74,15 +77,15 @@ def evaluate_model(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Metrics over every example of `split` once, on all devices, and the top-1 prediction of
     each example by record index (-1 for records skipped as corrupt)."""
-    mesh = training.make_mesh(config.num_devices)
-    data = NamedSharding(mesh, PartitionSpec("data"))
-    local_batch = training.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
+    mesh = parallel.make_mesh(config.train.num_devices)
+    local_batch = parallel.check_batch(config.train.eval_batch_size, mesh, "eval_batch_size")
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    eval_step = training.make_eval_step(graphdef, mesh)
-    batches = training.eval_dataset(config, split, local_batch)
+    eval_step = step.make_eval_step(graphdef, mesh)
+    batches = configured.eval_dataset(config, split, local_batch)
     predictions = np.full(len(split), -1, np.int64)
     start = time.perf_counter()
-    metrics = training.evaluate(eval_step, params, batch_stats, batches, data, predictions)
+    sharding = parallel.data_sharding(mesh)
+    metrics = step.evaluate(eval_step, params, batch_stats, batches, sharding, predictions)
     seconds = time.perf_counter() - start
     metrics["images_per_second"] = metrics["examples"] / max(seconds, 1e-9)
     return metrics, predictions
@@ -154,18 +157,11 @@ def recalibrate_models(
     models: dict[str, ShuffleNetV2], config: Any, num_batches: int
 ) -> dict[str, ShuffleNetV2]:
     """`recalibrate_batchnorm` of each model over the config's (augmented) training stream."""
-    split = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
-    out = {}
-    for name, model in models.items():
-        stream = iter(
-            input_pipeline.train_dataset(
-                split,
-                batch_size=config.batch_size // jax.process_count(),
-                transform=training.train_transform(config),
-                seed=config.seed,
-                worker_count=config.worker_count,
-                read_threads=config.read_threads,
-            )
+    split = configured.load_split(config, config.data.train_split)
+    batch = config.train.batch_size // jax.process_count()
+    return {
+        name: recalibrate_batchnorm(
+            model, iter(configured.train_dataset(config, split, batch)), num_batches
         )
-        out[name] = recalibrate_batchnorm(model, stream, num_batches)
-    return out
+        for name, model in models.items()
+    }

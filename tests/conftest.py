@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
     """A TFDS data_dir holding the prepared `digits` dataset (about a second to make)."""
-    from shufflenet_jax import prepare
+    from shufflenet_jax.data import prepare
 
     data_dir = tmp_path_factory.mktemp("tfds")
     prepare.prepare("digits", data_dir=str(data_dir))

@@ -20,3 +20,14 @@ def random_values(abstract, seed):
         return 0.2 * x  # bias, mean
 
     return jax.tree_util.tree_map_with_path(draw, values)
+
+
+def set_fields(config, **fields):
+    """Sets each field in the config section that has it (field names are unique across
+    sections), so tests can say `total_steps=6` without naming `train`."""
+    for name, value in fields.items():
+        sections = [s for s in config.values() if hasattr(s, "keys") and name in s]
+        if len(sections) != 1:
+            raise KeyError(f"no single config section has the field {name!r}")
+        setattr(sections[0], name, value)
+    return config

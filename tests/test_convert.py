@@ -8,19 +8,19 @@ import torch
 import torchvision
 from flax import nnx
 
-from shufflenet_jax.compare import (
+from shufflenet_jax.interop.compare import (
     jax_stages,
     random_torchvision_model,
     torch_stages,
 )
-from shufflenet_jax.convert import (
+from shufflenet_jax.interop.convert import (
     WeightMismatchError,
     grads_to_torch,
     load_torchvision,
     to_torch_state_dict,
     torch_to_values,
 )
-from shufflenet_jax.models import STAGE_NAMES, abstract_model, with_values
+from shufflenet_jax.model.network import STAGE_NAMES, abstract_model, with_values
 
 pytestmark = pytest.mark.torch
 

@@ -10,10 +10,10 @@ import torch
 from flax import nnx
 from PIL import Image
 
-from shufflenet_jax import compare, convert
-from shufflenet_jax.checkpoint import read_model_config, restore_model
-from shufflenet_jax.compare import random_torchvision_model
-from shufflenet_jax.convert import load_torchvision
+from shufflenet_jax.interop import compare, convert
+from shufflenet_jax.interop.checkpoint import read_model_config, restore_model
+from shufflenet_jax.interop.compare import random_torchvision_model
+from shufflenet_jax.interop.convert import load_torchvision
 
 pytestmark = pytest.mark.torch
 
@@ -116,7 +116,7 @@ def test_compare_runs_as_a_module_and_prints_json():
         [
             sys.executable,
             "-m",
-            "shufflenet_jax.compare",
+            "shufflenet_jax.interop.compare",
             "--width",
             "0.5",
             "--size",

@@ -10,8 +10,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from shufflenet_jax import datasets, prepare
-from shufflenet_jax.input_pipeline import decode_image, load_split
+from shufflenet_jax.data import datasets, prepare
+from shufflenet_jax.data.pipeline import decode_image, load_split
 
 
 def jpeg_bytes(seed: int, size=(12, 10)) -> bytes:
@@ -119,7 +119,14 @@ def test_imagenet2012_builder_prepares_the_ilsvrc2012_tar_layout(tmp_path):
 
 def test_prepare_cli_prints_splits_and_counts(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "shufflenet_jax.prepare", "digits", "--data_dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "shufflenet_jax.data.prepare",
+            "digits",
+            "--data_dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -131,7 +138,7 @@ def test_prepare_without_tensorflow_says_it_is_needed_for_imagenet(tmp_path):
     (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(b"")
     code = (
         "import tests.hide_tensorflow\n"
-        "from shufflenet_jax.prepare import main\n"
+        "from shufflenet_jax.data.prepare import main\n"
         f"main(['imagenet2012', '--data_dir', r'{tmp_path}', '--manual_dir', r'{tmp_path}'])\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -10,11 +10,14 @@ import pytest
 from flax import nnx
 
 from configs import digits as digits_config
-from shufflenet_jax import checkpoint, evaluation, input_pipeline, training
-from shufflenet_jax.compare import randomize_batchnorm
-from shufflenet_jax.models import abstract_model
+from shufflenet_jax import evaluation
+from shufflenet_jax.data import pipeline as input_pipeline
+from shufflenet_jax.interop import checkpoint
+from shufflenet_jax.interop.compare import randomize_batchnorm
+from shufflenet_jax.model.network import abstract_model
+from shufflenet_jax.train.loop import train_and_evaluate
 
-from .helpers import random_values
+from .helpers import random_values, set_fields
 from .test_input_pipeline import smooth_jpeg
 from .test_training import ROOT, small_config
 
@@ -24,7 +27,7 @@ def trained(digits_data_dir, tmp_path_factory):
     """A short digits run with EMA: (config, workdir, the loop's final eval metrics)."""
     workdir = tmp_path_factory.mktemp("run")
     config = small_config(digits_data_dir, total_steps=20, eval_every=20, ema_decay=0.9)
-    result = training.train_and_evaluate(config, workdir)
+    result = train_and_evaluate(config, workdir)
     return config, workdir, result.eval_metrics
 
 
@@ -43,6 +46,19 @@ def test_eval_of_a_training_run_reports_the_loops_final_top1(trained):
     assert evaluation.evaluate_model(from_best, config, split)[0]["top1"] == loop["top1"]
 
 
+def test_a_training_run_is_restored_for_evaluation_without_an_optimizer(trained, monkeypatch):
+    from shufflenet_jax.train import optim
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("evaluation built an optimizer")
+
+    config, workdir, loop = trained
+    monkeypatch.setattr(optim, "make_optimizer", no_optimizer)
+    models = evaluation.load_models(config, workdir=workdir)
+    split = evaluation.eval_split(config)
+    assert evaluation.evaluate_model(models["ema"], config, split)[0]["top1"] == loop["ema_top1"]
+
+
 def test_eval_cli_prints_a_table_and_writes_json_for_both_weights(trained, tmp_path):
     config, workdir, loop = trained
     out = subprocess.run(
@@ -51,9 +67,9 @@ def test_eval_cli_prints_a_table_and_writes_json_for_both_weights(trained, tmp_p
             str(ROOT / "eval.py"),
             "--config",
             str(ROOT / "configs" / "digits.py"),
-            f"--config.data_dir={config.data_dir}",
-            "--config.num_devices=1",
-            "--config.ema_decay=0.9",
+            f"--config.data.data_dir={config.data.data_dir}",
+            "--config.train.num_devices=1",
+            "--config.optim.ema_decay=0.9",
             f"--workdir={workdir}",
             f"--json={tmp_path / 'eval.json'}",
         ],
@@ -83,7 +99,7 @@ def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_
     model = evaluation.load_models(config, torch_weights=tmp_path / "x0_5.pth")["model"]
 
     expected = np.full(len(split), -1)
-    transform = input_pipeline.EvalTransform(config.image_size, config.eval_resize)
+    transform = input_pipeline.EvalTransform(config.data.image_size, config.data.eval_resize)
     for batch in input_pipeline.eval_dataset(split, batch_size=64, transform=transform):
         with torch.no_grad():
             logits = reference(torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)).numpy()
@@ -92,7 +108,7 @@ def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_
 
     # batch sizes that do and do not divide 359, on one device and on eight
     for eval_batch, devices in ((64, 1), (512, 1), (200, 8)):
-        config.eval_batch_size, config.num_devices = eval_batch, devices
+        set_fields(config, eval_batch_size=eval_batch, num_devices=devices)
         metrics, predictions = evaluation.evaluate_model(model, config, split)
         assert metrics["examples"] == 359
         np.testing.assert_array_equal(predictions, expected)
@@ -145,7 +161,7 @@ def test_eval_refuses_mismatched_models_missing_splits_and_ambiguous_sources(
     nnx.update(model, random_values(model, seed=4))
     checkpoint.save_model(tmp_path / "x0_5", model)
     config = digits_config.get_config()
-    config.data_dir = digits_data_dir
+    config.data.data_dir = digits_data_dir
     with pytest.raises(ValueError, match="holds a 0.5x model with 1000 classes; the config asks"):
         evaluation.load_models(config, checkpoint_dir=tmp_path / "x0_5")
     with pytest.raises(ValueError, match="no split 'validation'"):

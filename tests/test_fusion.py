@@ -1,4 +1,4 @@
-"""The fusion lab (shufflenet_jax.fusion) and the guideline experiments' FLOP balance."""
+"""The fusion lab (lab.fusion) and the guideline experiments' FLOP balance."""
 
 import json
 import re
@@ -10,15 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shufflenet_jax import fusion, guidelines, ops
-from shufflenet_jax.models import abstract_model
+from lab import fusion, guidelines, variants
+from shufflenet_jax.model.network import abstract_model
 
 
 @pytest.mark.parametrize("groups,channels", [(2, 116), (3, 24), (4, 8), (1, 6)])
 def test_every_shuffle_implementation_computes_the_same_permutation(groups, channels):
     x = jax.random.normal(jax.random.key(0), (2, 3, 5, channels))
     expected = np.asarray(x).reshape(2, 3, 5, groups, -1).transpose(0, 1, 2, 4, 3).reshape(x.shape)
-    for name, impl in ops.SHUFFLE_IMPLS.items():
+    for name, impl in variants.SHUFFLE.items():
         np.testing.assert_array_equal(np.asarray(impl(x, groups)), expected, err_msg=name)
 
 
@@ -26,7 +26,9 @@ def test_network_shuffle_variants_give_the_same_outputs():
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     outputs = {}
     for shuffle in fusion.SHUFFLES:
-        model = fusion._random_model(abstract_model(0.5, 10, shuffle_impl=shuffle), seed=3)
+        model = fusion._random_model(
+            abstract_model(0.5, 10, ops=variants.named_ops(shuffle=shuffle)), seed=3
+        )
         f, params, stats = fusion._as_pure(model, "forward", None)
         outputs[shuffle] = np.asarray(jax.jit(f)(params, stats, x))
     for shuffle in fusion.SHUFFLES[1:]:
@@ -105,7 +107,7 @@ def test_separately_compiled_bn_and_relu_compute_the_same_with_more_memory_traff
 
 def test_fusion_cli_documents_itself_and_writes_json(tmp_path):
     help_text = subprocess.run(
-        [sys.executable, "-m", "shufflenet_jax.fusion", "--help"],
+        [sys.executable, "-m", "lab.fusion", "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -116,7 +118,7 @@ def test_fusion_cli_documents_itself_and_writes_json(tmp_path):
         [
             sys.executable,
             "-m",
-            "shufflenet_jax.fusion",
+            "lab.fusion",
             "--target",
             "block",
             "--channels",

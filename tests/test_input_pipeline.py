@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shufflenet_jax import input_pipeline as ip
-from shufflenet_jax import prepare
+from shufflenet_jax.data import pipeline as ip
+from shufflenet_jax.data import prepare
 
 TRAIN = ip.TrainTransform(image_size=16, scale=(0.35, 1.0), flip=True, color_jitter=0.4)
 EVAL = ip.EvalTransform(image_size=16, resize_size=16)
@@ -156,6 +156,9 @@ def test_epochs_are_reshuffled_permutations_of_the_share(train_split):
 
 
 def test_worker_processes_give_a_reproducible_restorable_stream(train_split):
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags: what setup_process does
     ds = ip.train_dataset(train_split, batch_size=16, transform=TRAIN, seed=0, worker_count=2)
     it = iter(ds)
     first = take(it, 3)
@@ -166,6 +169,17 @@ def test_worker_processes_give_a_reproducible_restorable_stream(train_split):
     restored = iter(ds)
     restored.set_state(state)
     assert_same_batches(take(restored, 2), after)
+
+
+def test_worker_processes_without_the_process_setup_are_a_clear_error(digits_data_dir):
+    code = (
+        "from shufflenet_jax.data import pipeline as ip\n"
+        f"s = ip.load_split('digits', 'train', r'{digits_data_dir}')\n"
+        "ip.train_dataset(s, batch_size=4, transform=ip.TrainTransform(16), seed=0, worker_count=1)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "call shufflenet_jax.process.setup_process() first" in r.stderr, r.stderr[-2000:]
 
 
 def test_train_and_eval_batches_have_documented_shapes_dtypes_and_ranges(train_split, test_split):
@@ -243,7 +257,7 @@ EVAL_AS_TRAIN = ip.TrainTransform(image_size=16, flip=False)
 
 
 def test_corrupt_image_can_be_skipped_and_is_logged(corrupt_split, caplog):
-    caplog.set_level(logging.WARNING, logger="shufflenet_jax.input_pipeline")
+    caplog.set_level(logging.WARNING, logger="shufflenet_jax.data.pipeline")
     train = ip.train_dataset(
         corrupt_split, batch_size=6, transform=EVAL_AS_TRAIN, seed=0, skip_corrupt=True
     )
@@ -264,14 +278,16 @@ def test_load_split_names_the_problem(digits_data_dir, tmp_path):
         ip.load_split("digitz", "train", digits_data_dir)
     with pytest.raises(ValueError, match="no split 'validation'; it has \\['test', 'train'\\]"):
         ip.load_split("digits", "validation", digits_data_dir)
-    with pytest.raises(ValueError, match="not prepared .* python -m shufflenet_jax.prepare digits"):
+    with pytest.raises(
+        ValueError, match="not prepared .* python -m shufflenet_jax.data.prepare digits"
+    ):
         ip.load_split("digits", "train", str(tmp_path))
 
 
 def test_reading_needs_no_tensorflow(digits_data_dir):
     code = (
         "import tests.hide_tensorflow, sys\n"
-        "from shufflenet_jax import input_pipeline as ip\n"
+        "from shufflenet_jax.data import pipeline as ip\n"
         f"s = ip.load_split('digits', 'train', r'{digits_data_dir}')\n"
         "t = ip.TrainTransform(image_size=16)\n"
         "b = next(iter(ip.train_dataset(s, batch_size=4, transform=t, seed=0)))\n"

@@ -1,7 +1,7 @@
 """bfloat16 compute: every op's gradients against float64 gradients of the same rounded values.
 
 Inputs, weights and output cotangents are rounded to bfloat16 once; the float64 reference then
-sees exactly those values (shufflenet_jax.precision), so the only differences are the op's own
+sees exactly those values (lab.precision), so the only differences are the op's own
 bfloat16 arithmetic. An op
 that rounds each output once to bfloat16 (8 significant bits, unit roundoff 2**-8 = 3.9e-3) has
 a norm-wise relative error of at most about 3.9e-3, whatever the length of its sums, provided it
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lab import variants
+from lab.precision import OP_CASES, op_errors, relative_error, rounded_normal
 from shufflenet_jax import ops
-from shufflenet_jax.models import ShuffleNetV2, with_values
-from shufflenet_jax.precision import OP_CASES, op_errors, relative_error, rounded_normal
+from shufflenet_jax.model.network import ShuffleNetV2, with_values
 
 BF16_BOUND = 1e-2
 
@@ -34,9 +35,9 @@ def test_op_bf16_output_and_gradients_match_float64(name):
 
 def test_op_cases_cover_every_implementation():
     for kind, impls in (
-        ("depthwise", ops.DEPTHWISE_IMPLS),
-        ("stem", ops.DENSE_IMPLS),
-        ("pointwise", ops.POINTWISE_IMPLS),
+        ("depthwise", variants.DEPTHWISE),
+        ("stem", variants.DENSE),
+        ("pointwise", variants.POINTWISE),
     ):
         for impl in impls:
             assert any(name.startswith(f"{kind}_{impl}_") for name in OP_CASES), (kind, impl)

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lab import variants
 from shufflenet_jax import ShuffleNetV2, ShuffleUnit, shufflenet_v2_x0_5, shufflenet_v2_x2_0
-from shufflenet_jax.models import abstract_model, with_values
-from shufflenet_jax.summary import param_count
+from shufflenet_jax.model.network import abstract_model, with_values
+from shufflenet_jax.model.summary import param_count
 from tests.helpers import random_values
 
 TORCHVISION_PARAMS = {0.5: 1_366_792, 1.0: 2_278_604, 1.5: 3_503_624, 2.0: 7_393_996}
@@ -132,7 +133,7 @@ def test_jit_and_eager_agree(model, mode):
     )
 
 
-REFERENCE_IMPLS = dict(dense_impl="lax", depthwise_impl="lax", pointwise_impl="lax")
+REFERENCE_IMPLS = dict(ops=variants.named_ops(dense="lax", depthwise="lax", pointwise="lax"))
 
 
 @pytest.mark.parametrize("width", sorted(TORCHVISION_PARAMS))
@@ -196,14 +197,13 @@ def test_stride_one_unit_must_keep_channel_count():
         ShuffleUnit(24, 48, 1, rngs=nnx.Rngs(0))
 
 
-def test_unknown_conv_implementation_is_rejected():
-    with pytest.raises(ValueError, match="unknown depthwise_impl 'fast'"):
-        ShuffleNetV2(0.5, depthwise_impl="fast", rngs=nnx.Rngs(0))
-
-
-def test_unknown_folded_implementation_is_rejected():
-    with pytest.raises(ValueError, match="unknown folded_impl 'fused'"):
-        ShuffleNetV2(0.5, folded_impl="fused", rngs=nnx.Rngs(0))
+def test_unknown_implementation_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown depthwise implementation 'fast'"):
+        variants.named_ops(depthwise="fast")
+    with pytest.raises(ValueError, match="unknown fused implementation 'fusedd'"):
+        variants.parse("fused:fusedd")
+    with pytest.raises(ValueError, match="unknown op 'stem'"):
+        variants.named_ops(stem="lax")
 
 
 @pytest.mark.parametrize("shape", [(32, 32, 3), (1, 32, 32, 1), (1, 3, 32, 32), (1, 1, 32, 32, 3)])

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shufflenet_jax import native, ops
+from lab import variants
+from shufflenet_jax import ops
+from shufflenet_jax.ops import native
 
 
 def _kernel_grad_float64(x, g, stride):
@@ -228,12 +230,14 @@ def test_native_batch_norm_grad_sums_reject_mismatched_shapes():
 
 
 def _folded(width, folded_impl, seed=0):
-    from shufflenet_jax.folding import fold_batchnorm
-    from shufflenet_jax.models import abstract_model, with_values
+    from shufflenet_jax.model.folded import fold_batchnorm
+    from shufflenet_jax.model.network import abstract_model, with_values
     from tests.helpers import random_values
 
     values = random_values(abstract_model(width, 10), seed)
-    model = with_values(abstract_model(width, 10, folded_impl=folded_impl), values)
+    model = with_values(
+        abstract_model(width, 10, ops=variants.named_ops(fused=folded_impl)), values
+    )
     model.eval()
     return fold_batchnorm(model)
 
@@ -268,14 +272,15 @@ def test_eval_mode_models_use_the_stem_and_stage_kernels_and_training_does_not()
     what XLA's layers compute, and training mode never uses the inference kernels."""
     from flax import nnx
 
-    from shufflenet_jax.models import ShuffleNetV2, abstract_model, with_values
+    from shufflenet_jax.model.network import ShuffleNetV2, abstract_model, with_values
     from tests.helpers import random_values
 
     x = jax.random.normal(jax.random.key(3), (2, 40, 36, 3))
     out = {}
     for impl, calls in (("native", (3, 1)), ("layers", (0, 0))):
         model = with_values(
-            abstract_model(0.5, folded_impl=impl), random_values(abstract_model(0.5), 4)
+            abstract_model(0.5, ops=variants.named_ops(fused=impl)),
+            random_values(abstract_model(0.5), 4),
         )
         model.eval()
         stages = nnx.jit(lambda m, x: m.stages(x))
@@ -363,8 +368,8 @@ def test_other_default_backends_trace_without_building_or_calling_the_kernels(mo
     training (kernel gradients, BatchNorm sums) or in folded inference (stem and stages)."""
     from flax import nnx
 
-    from shufflenet_jax.folding import fold_batchnorm
-    from shufflenet_jax.models import ShuffleNetV2
+    from shufflenet_jax.model.folded import fold_batchnorm
+    from shufflenet_jax.model.network import ShuffleNetV2
 
     def no_build():
         raise AssertionError("the C++ kernels were built for a non-CPU backend")

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lab import variants
 from shufflenet_jax import ops
 from shufflenet_jax.ops import channel_shuffle
 
@@ -55,7 +56,7 @@ def assert_same_values_and_grads(fn, ref, x, kernel):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", sorted(ops.DEPTHWISE_IMPLS))
+@pytest.mark.parametrize("impl", sorted(variants.DEPTHWISE))
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw", [(1, 1), (5, 7), (8, 8)])
 def test_depthwise_implementations_match_lax_conv_and_its_gradients(impl, stride, hw):
@@ -63,30 +64,30 @@ def test_depthwise_implementations_match_lax_conv_and_its_gradients(impl, stride
     x = jax.random.normal(kx, (2, *hw, 6))
     kernel = jax.random.normal(kk, (3, 3, 1, 6))
     assert_same_values_and_grads(
-        lambda x, k: ops.DEPTHWISE_IMPLS[impl](x, k, stride),
+        lambda x, k: variants.DEPTHWISE[impl](x, k, stride),
         lambda x, k: ops.depthwise_lax(x, k, stride),
         x,
         kernel,
     )
 
 
-@pytest.mark.parametrize("impl", sorted(ops.DENSE_IMPLS))
+@pytest.mark.parametrize("impl", sorted(variants.DENSE))
 @pytest.mark.parametrize("hw", [(1, 1), (7, 6)])
 def test_dense_implementations_match_lax_conv_and_its_gradients(impl, hw):
     kx, kk = jax.random.split(jax.random.key(2))
     x = jax.random.normal(kx, (2, *hw, 3))
     kernel = jax.random.normal(kk, (3, 3, 3, 8))
     assert_same_values_and_grads(
-        lambda x, k: ops.DENSE_IMPLS[impl](x, k, 2), lambda x, k: ops.conv_lax(x, k, 2), x, kernel
+        lambda x, k: variants.DENSE[impl](x, k, 2), lambda x, k: ops.conv_lax(x, k, 2), x, kernel
     )
 
 
-@pytest.mark.parametrize("impl", sorted(ops.POINTWISE_IMPLS))
+@pytest.mark.parametrize("impl", sorted(variants.POINTWISE))
 def test_pointwise_implementations_match_lax_conv_and_its_gradients(impl):
     kx, kk = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (2, 5, 3, 12))
     kernel = jax.random.normal(kk, (1, 1, 12, 10))
-    assert_same_values_and_grads(ops.POINTWISE_IMPLS[impl], ops.pointwise_lax, x, kernel)
+    assert_same_values_and_grads(variants.POINTWISE[impl], ops.pointwise_lax, x, kernel)
 
 
 @pytest.mark.torch

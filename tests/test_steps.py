@@ -6,12 +6,18 @@ import pytest
 from flax import nnx
 
 from shufflenet_jax import ops
-from shufflenet_jax.folding import fold_batchnorm
-from shufflenet_jax.layers import BatchNorm, Bias
-from shufflenet_jax.models import ShuffleUnit, abstract_model, shufflenet_v2_x0_5, with_values
-from shufflenet_jax.steps import (
+from shufflenet_jax.model.folded import fold_batchnorm
+from shufflenet_jax.model.layers import BatchNorm, Bias, Ops
+from shufflenet_jax.model.network import (
+    ShuffleUnit,
+    abstract_model,
+    shufflenet_v2_x0_5,
+    with_values,
+)
+from shufflenet_jax.train.state import TrainState
+from shufflenet_jax.train.step import (
     eval_compiler_options,
-    make_eval_step,
+    make_predict,
     make_train_step,
     split_model,
     train_compiler_options,
@@ -24,15 +30,13 @@ def model():
     return with_values(abstract_model(0.5, 10), random_values(abstract_model(0.5, 10), seed=5))
 
 
-def test_eval_step_equals_the_model_in_eval_mode(model):
+def test_predict_equals_the_model_in_eval_mode(model):
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     m = nnx.clone(model)
     m.eval()
     want = nnx.jit(lambda m, x: m(x))(m, x)
     np.testing.assert_allclose(
-        make_eval_step(split_model(model)[0], {})(
-            *split_model(model)[1:], x
-        ),  # as nnx.jit compiles
+        make_predict(split_model(model)[0], {})(*split_model(model)[1:], x),  # as nnx.jit compiles
         want,
         rtol=1e-5,
         atol=1e-5,
@@ -48,16 +52,18 @@ def test_train_step_lowers_the_loss_and_updates_batch_statistics():
     graphdef, params, stats = split_model(shufflenet_v2_x0_5(num_classes=10, rngs=nnx.Rngs(0)))
     tx = optax.sgd(0.05)
     step = make_train_step(graphdef, tx)
-    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
-    y = jnp.arange(8) % 10
+    batch = {"image": jax.random.normal(jax.random.key(1), (8, 32, 32, 3)), "label": jnp.arange(8)}
     stats0 = jax.tree.map(np.array, stats)
-    opt_state = tx.init(params)
+    state = TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), None)
     losses = []
     for _ in range(30):
-        params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
-        losses.append(float(loss))
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.1 * losses[0], losses
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), stats0, stats))
+    assert int(state.step) == 30
+    moved = jax.tree.leaves(
+        jax.tree.map(lambda a, b: bool(np.any(a != b)), stats0, state.batch_stats)
+    )
     assert all(moved)
 
 
@@ -103,13 +109,13 @@ def test_eval_compiler_options_leave_logits_unchanged(model):
     """On XLA's layers (the C++ stage kernels leave XLA almost no matmuls to place)."""
     assert eval_compiler_options("cpu") and eval_compiler_options("gpu") == {}
     layers = with_values(
-        abstract_model(0.5, 10, folded_impl="layers"), nnx.to_pure_dict(nnx.state(model))
+        abstract_model(0.5, 10, ops=Ops(fused_inference=False)), nnx.to_pure_dict(nnx.state(model))
     )
     graphdef, params, stats = split_model(layers)
     x = jax.random.normal(jax.random.key(5), (8, 64, 64, 3))
     default, tuned = (
-        make_eval_step(graphdef, {}),
-        make_eval_step(graphdef, eval_compiler_options("cpu")),
+        make_predict(graphdef, {}),
+        make_predict(graphdef, eval_compiler_options("cpu")),
     )
     want, got = default(params, stats, x), tuned(params, stats, x)
     # the 1x1 convolutions' matmuls leave YNNPACK (the reductions stay)

@@ -18,11 +18,16 @@ from flax import nnx
 from configs import digits as digits_config
 from configs import imagenet as imagenet_config
 from configs import imagenet_cosine
-from shufflenet_jax import checkpoint, input_pipeline, optim, training
-from shufflenet_jax.layers import Conv2d
-from shufflenet_jax.models import abstract_model
+from shufflenet_jax.data import configured
+from shufflenet_jax.data import pipeline as input_pipeline
+from shufflenet_jax.interop import checkpoint
+from shufflenet_jax.model.layers import Conv2d
+from shufflenet_jax.model.network import abstract_model
+from shufflenet_jax.train import checkpoints, optim, parallel, step
+from shufflenet_jax.train.loop import train_and_evaluate
+from shufflenet_jax.train.state import create_model, create_train_state
 
-from .helpers import random_values
+from .helpers import random_values, set_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,15 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def small_config(data_dir, **overrides):
     """The digits quickstart, shrunk to a few cheap steps."""
     c = digits_config.get_config()
-    c.data_dir = data_dir
-    c.image_size, c.eval_resize = 32, 32
-    c.batch_size, c.eval_batch_size = 16, 128
-    c.total_steps, c.warmup_steps = 100, 0
-    c.log_every, c.eval_every, c.checkpoint_every = 1, 10_000, 10_000
-    c.num_devices = 1  # 8 simulated devices on 2 cores are slow; the sharding tests ask for them
-    for k, v in overrides.items():
-        setattr(c, k, v)
-    return c
+    set_fields(c, data_dir=data_dir, image_size=32, eval_resize=32)
+    set_fields(c, batch_size=16, eval_batch_size=128, total_steps=100, warmup_steps=0)
+    set_fields(c, log_every=1, eval_every=10_000, checkpoint_every=10_000)
+    # 8 simulated devices on 2 cores are slow; the sharding tests ask for them
+    return set_fields(c, **{"num_devices": 1, **overrides})
 
 
 def params_of(result):
@@ -69,10 +70,10 @@ def run_train(workdir, data_dir, *extra, env=None, **kwargs):
         str(ROOT / "configs" / "digits.py"),
         "--workdir",
         str(workdir),
-        f"--config.data_dir={data_dir}",
-        "--config.batch_size=16",
-        "--config.log_every=1",
-        "--config.eval_every=10000",
+        f"--config.data.data_dir={data_dir}",
+        "--config.train.batch_size=16",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=10000",
         *extra,
     ]
     return subprocess.Popen(
@@ -90,9 +91,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
     proc = run_train(
         tmp_path,
         digits_data_dir,
-        "--config.total_steps=100000",
-        "--config.checkpoint_every=100000",
-        "--config.num_devices=1",
+        "--config.train.total_steps=100000",
+        "--config.train.checkpoint_every=100000",
+        "--config.train.num_devices=1",
     )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
@@ -115,8 +116,8 @@ def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
         run_train(
             tmp_path / "multi",
             digits_data_dir,
-            "--config.total_steps=1",
-            "--config.eval_at_end=false",
+            "--config.train.total_steps=1",
+            "--config.train.eval_at_end=false",
             f"--coordinator_address=localhost:{port}",
             "--num_processes=2",
             f"--process_id={i}",
@@ -132,17 +133,17 @@ def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
     config = small_config(
         digits_data_dir, num_devices=4, total_steps=1, checkpoint_every=1, eval_at_end=False
     )
-    config.warmup_steps = digits_config.get_config().warmup_steps
-    start = training.create_optimizer_and_state(config, training.create_model(config))[2]
+    config.optim.warmup_steps = digits_config.get_config().optim.warmup_steps
+    start = create_train_state(config, create_model(config))[2]
     split = input_pipeline.load_split("digits", "train", digits_data_dir)
-    transform = training.train_transform(config)
+    transform = configured.train_transform(config)
     shares = [
         iter(
             input_pipeline.train_dataset(
                 split,
                 batch_size=8,
                 transform=transform,
-                seed=config.seed,
+                seed=config.train.seed,
                 process_index=i,
                 process_count=2,
                 read_threads=0,
@@ -156,13 +157,13 @@ def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
             a, b = next(shares[0]), next(shares[1])
             yield {k: np.concatenate([a[k], b[k]]) for k in a}
 
-    single = training.train_and_evaluate(config, tmp_path / "single", train_batches=together())
-    multi = training.latest_state(config, tmp_path / "multi")
-    assert int(multi.step) == 1
+    single = train_and_evaluate(config, tmp_path / "single", train_batches=together())
+    multi = checkpoints.latest_weights(config, tmp_path / "multi")
+    assert int(multi["step"]) == 1
     # gloo's cross-process sums round differently from one process's: float32 noise, 1e-6-ish
     assert losses(tmp_path / "multi")[1] == pytest.approx(losses(tmp_path / "single")[1], rel=1e-5)
-    assert_same_update(start.params, multi.params, single.state.params)
-    assert_same_update(start.batch_stats, multi.batch_stats, single.state.batch_stats)
+    assert_same_update(start.params, multi["params"], single.state.params)
+    assert_same_update(start.batch_stats, multi["batch_stats"], single.state.batch_stats)
 
 
 def test_weight_decay_mask_covers_exactly_conv_and_linear_kernels():
@@ -189,12 +190,12 @@ def test_schedules_have_the_recipe_values_at_chosen_steps():
     assert float(lr(150_000)) == pytest.approx(0.25)
     assert float(lr(270_000)) == pytest.approx(0.05, rel=1e-5)
     assert float(lr(300_000)) == pytest.approx(0.0, abs=1e-9)
-    c.batch_size = 256
+    c.train.batch_size = 256
     assert optim.learning_rate(c) == pytest.approx(0.125)
 
     cos = imagenet_cosine.get_config("1.0")
     lr = optim.schedule(cos)
-    w = cos.warmup_steps
+    w = cos.optim.warmup_steps
     assert float(lr(0)) == 0.0
     assert float(lr(w // 2)) == pytest.approx(0.25, rel=1e-3)
     assert float(lr(w)) == pytest.approx(0.5)
@@ -222,12 +223,12 @@ def assert_same_update(start, ours, reference, rtol=1e-3, atol=1e-7):
 
 def test_one_and_eight_devices_give_the_same_step(digits_data_dir, tmp_path):
     config = small_config(digits_data_dir)
-    start = training.create_optimizer_and_state(config, training.create_model(config))[2]
+    start = create_train_state(config, create_model(config))[2]
     start = jax.tree.map(np.asarray, start)
-    one = training.train_and_evaluate(
+    one = train_and_evaluate(
         small_config(digits_data_dir, num_devices=1), tmp_path / "one", stop_after=1
     )
-    eight = training.train_and_evaluate(
+    eight = train_and_evaluate(
         small_config(digits_data_dir, num_devices=8), tmp_path / "eight", stop_after=1
     )
     assert len(eight.state.params["conv1"]["layers"][0]["kernel"].sharding.device_set) == 8
@@ -246,13 +247,11 @@ def test_one_and_eight_devices_agree_over_several_float64_steps(digits_data_dir)
     times what moving every starting parameter by four float64 spacings does to them."""
     config = small_config(digits_data_dir, compute_dtype="float64")
     split = input_pipeline.load_split("digits", "train", digits_data_dir)
-    transform = training.train_transform(config)
+    transform = configured.train_transform(config)
     stream = iter(input_pipeline.train_dataset(split, batch_size=16, transform=transform, seed=0))
     batches = [next(stream) for _ in range(4)]
     with jax.enable_x64(True):
-        graphdef, tx, start = training.create_optimizer_and_state(
-            config, training.create_model(config)
-        )
+        graphdef, tx, start = create_train_state(config, create_model(config))
         start = jax.tree.map(
             lambda x: np.asarray(x, np.float64) if x.dtype == np.float32 else np.asarray(x), start
         )
@@ -264,19 +263,21 @@ def test_one_and_eight_devices_agree_over_several_float64_steps(digits_data_dir)
         )
 
         def trajectory(n, state):
-            mesh = training.make_mesh(n)
-            rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-            step = jax.jit(
-                training.make_train_step(config, graphdef, tx),
-                in_shardings=(rep, data),
-                out_shardings=(rep, rep),
+            mesh = parallel.make_mesh(n)
+            rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+            train_step = step.make_train_step(
+                graphdef,
+                tx,
+                dtype=np.float64,
+                label_smoothing=config.optim.label_smoothing,
+                mesh=mesh,
+                compiler_options={},  # XLA's defaults, as this test has always compiled it
             )
             state, trace = jax.device_put(state, rep), []
             for b in batches:
                 image = b["image"].astype(np.float64)
-                state, metrics = step(
-                    state, training.to_global({"image": image, "label": b["label"]}, data)
+                state, metrics = train_step(
+                    state, parallel.to_global({"image": image, "label": b["label"]}, data)
                 )
                 trace.append(float(metrics["loss"]))
             return np.array(trace), jax.tree.map(np.asarray, state)
@@ -296,10 +297,10 @@ def test_one_and_eight_devices_agree_over_several_float64_steps(digits_data_dir)
 
 def test_interrupted_and_resumed_training_ends_with_the_same_parameters(digits_data_dir, tmp_path):
     config = small_config(digits_data_dir, total_steps=6)
-    straight = training.train_and_evaluate(config, tmp_path / "straight")
-    first = training.train_and_evaluate(config, tmp_path / "resumed", stop_after=3)
+    straight = train_and_evaluate(config, tmp_path / "straight")
+    first = train_and_evaluate(config, tmp_path / "resumed", stop_after=3)
     assert int(first.state.step) == 3
-    resumed = training.train_and_evaluate(config, tmp_path / "resumed")
+    resumed = train_and_evaluate(config, tmp_path / "resumed")
     assert int(resumed.state.step) == 6
     assert_trees_close(params_of(straight), params_of(resumed), rtol=0, atol=0)
     assert resumed.eval_metrics == straight.eval_metrics
@@ -316,7 +317,7 @@ def test_interrupted_and_resumed_training_ends_with_the_same_parameters(digits_d
 
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning(digits_data_dir, tmp_path, caplog):
     config = small_config(digits_data_dir, total_steps=8, keep_checkpoints=3, checkpoint_every=2)
-    training.train_and_evaluate(config, tmp_path, stop_after=4)
+    train_and_evaluate(config, tmp_path, stop_after=4)
     ckpts = tmp_path / "checkpoints"
     assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4]
     for f in (ckpts / "4" / "state").rglob("*"):
@@ -325,7 +326,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(digits_data_dir, 
     # what a kill -9 in the middle of a save leaves: an uncommitted temporary directory
     (ckpts / "6.orbax-checkpoint-tmp").mkdir()
     caplog.set_level(logging.WARNING)
-    result = training.train_and_evaluate(config, tmp_path, stop_after=5)
+    result = train_and_evaluate(config, tmp_path, stop_after=5)
     assert any(
         "checkpoint 4" in r.getMessage() and "unusable" in r.getMessage() for r in caplog.records
     )
@@ -338,24 +339,24 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_good_checkpoints(
 ):
     config = small_config(digits_data_dir, base_learning_rate=1e30, checkpoint_every=1)
     with pytest.raises(FloatingPointError, match=r"non-finite training loss \w+ at step \d+"):
-        training.train_and_evaluate(config, tmp_path, stop_after=20)
-    state = training.latest_state(config, tmp_path)
-    for leaf in jax.tree.leaves(state.params):
+        train_and_evaluate(config, tmp_path, stop_after=20)
+    weights = checkpoints.latest_weights(config, tmp_path)
+    for leaf in jax.tree.leaves(weights["params"]):
         assert np.all(np.isfinite(leaf))
 
 
 def test_clear_errors_for_batch_width_dataset_and_foreign_workdir(digits_data_dir, tmp_path):
     with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
-        training.train_and_evaluate(
+        train_and_evaluate(
             small_config(digits_data_dir, batch_size=12, num_devices=8), tmp_path / "a"
         )
     with pytest.raises(ValueError, match="unknown ShuffleNet V2 width 0.75"):
-        training.train_and_evaluate(small_config(digits_data_dir, width=0.75), tmp_path / "b")
+        train_and_evaluate(small_config(digits_data_dir, width=0.75), tmp_path / "b")
     with pytest.raises(ValueError, match="unknown dataset 'digitz'"):
-        training.train_and_evaluate(small_config(digits_data_dir, dataset="digitz"), tmp_path / "c")
-    training.train_and_evaluate(small_config(digits_data_dir), tmp_path / "d", stop_after=1)
+        train_and_evaluate(small_config(digits_data_dir, dataset="digitz"), tmp_path / "c")
+    train_and_evaluate(small_config(digits_data_dir), tmp_path / "d", stop_after=1)
     with pytest.raises(ValueError, match="holds checkpoints of another model.*'width': 0.5"):
-        training.train_and_evaluate(small_config(digits_data_dir, width=1.0), tmp_path / "d")
+        train_and_evaluate(small_config(digits_data_dir, width=1.0), tmp_path / "d")
 
 
 def test_fine_tuning_starts_from_a_converted_checkpoint_with_a_new_head(tmp_path):
@@ -364,8 +365,8 @@ def test_fine_tuning_starts_from_a_converted_checkpoint_with_a_new_head(tmp_path
     nnx.update(pretrained, values)
     checkpoint.save_model(tmp_path / "x0_5", pretrained, source="test")
     config = digits_config.get_config()
-    config.init_from = str(tmp_path / "x0_5")
-    model = training.create_model(config)
+    config.model.init_from = str(tmp_path / "x0_5")
+    model = create_model(config)
     assert model.fc.kernel.shape == (1024, 10)
     np.testing.assert_array_equal(
         model.conv5.layers[0].kernel[...], values["conv5"]["layers"][0]["kernel"]
@@ -378,7 +379,7 @@ def test_fine_tuning_starts_from_a_converted_checkpoint_with_a_new_head(tmp_path
 
 def test_gradient_accumulation_updates_once_per_group_of_micro_batches():
     config = imagenet_config.get_config("0.5")
-    config.grad_accum_steps, config.nesterov = 2, True
+    config.optim.grad_accum_steps, config.optim.nesterov = 2, True
     params = {"kernel": np.ones((2, 2), np.float32), "bias": np.zeros(2, np.float32)}
     tx = optim.make_optimizer(config, params)
     state = tx.init(params)
@@ -398,8 +399,8 @@ def test_bf16_ema_and_nesterov_options_train(digits_data_dir, tmp_path):
         nesterov=True,
         total_steps=4,
     )
-    assert training.latest_state(config, tmp_path) is None
-    result = training.train_and_evaluate(config, tmp_path)
+    assert checkpoints.latest_weights(config, tmp_path) is None
+    result = train_and_evaluate(config, tmp_path)
     kernel = result.state.params["fc"]["kernel"]
     assert kernel.dtype == np.float32 and np.all(np.isfinite(np.asarray(kernel)))
     assert result.state.batch_stats["conv5"]["layers"][1]["mean"].dtype == np.float32
@@ -410,10 +411,9 @@ def test_bf16_ema_and_nesterov_options_train(digits_data_dir, tmp_path):
 
 def test_digits_quickstart_learns_well_above_chance(digits_data_dir, tmp_path, monkeypatch):
     config = digits_config.get_config()
-    config.data_dir = digits_data_dir
-    config.total_steps, config.eval_every, config.num_devices = 300, 300, 1
+    set_fields(config, data_dir=digits_data_dir, total_steps=300, eval_every=300, num_devices=1)
     monkeypatch.chdir(tmp_path)  # a relative workdir, as README's command gives
-    result = training.train_and_evaluate(config, "runs/digits")
+    result = train_and_evaluate(config, "runs/digits")
     assert result.eval_metrics["examples"] == 359
     assert result.eval_metrics["top1"] >= 0.5  # chance is 0.1
     assert [p.name for p in (tmp_path / "runs/digits/best").iterdir()] == ["300"]

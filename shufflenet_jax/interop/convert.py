@@ -1,7 +1,7 @@
 """Convert torchvision ShuffleNet V2 weights to this package's model and back.
 
-    python -m shufflenet_jax.convert --torch shufflenetv2_x1-5666bf0f80.pth --out ckpt/x1_0
-    python -m shufflenet_jax.convert --to-torch --checkpoint ckpt/x1_0 --out x1_0.pth
+    python -m shufflenet_jax.interop.convert --torch shufflenetv2_x1-5666bf0f80.pth --out ckpt/x1_0
+    python -m shufflenet_jax.interop.convert --to-torch --checkpoint ckpt/x1_0 --out x1_0.pth
 
 The mapping is a rule, not a table: each numeric part of a torchvision key indexes an
 `nnx.Sequential` (`stage2.0` -> `stage2.layers.0`); `weight` is a conv/linear `kernel` (rank 4 or 2)
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from shufflenet_jax.models import (
+from shufflenet_jax.model.network import (
     STAGE_NAMES,
     STAGE_OUT_CHANNELS,
     ShuffleNetV2,
@@ -186,7 +186,7 @@ def load_torchvision(
     """A ShuffleNetV2 holding torchvision weights (see `load_torch_state_dict` for `source`).
 
     Width and class count come from the tensors; a requested `width` or `num_classes` that
-    disagrees is an error. `model_kwargs` (e.g. `depthwise_impl`) go to the constructor.
+    disagrees is an error. `model_kwargs` (e.g. `ops`) go to the constructor.
     """
     state_dict = load_torch_state_dict(source)
     found_width, found_classes = infer_width(state_dict), infer_num_classes(state_dict)
@@ -242,7 +242,7 @@ def _torch_order(key: str) -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from shufflenet_jax.checkpoint import restore_model, save_model
+    from shufflenet_jax.interop.checkpoint import restore_model, save_model
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

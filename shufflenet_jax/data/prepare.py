@@ -1,8 +1,8 @@
 """Prepare a TFDS dataset as array_record files for `tfds.data_source` and grain.
 
-    python -m shufflenet_jax.prepare digits
-    python -m shufflenet_jax.prepare image_folder --manual_dir ~/my_images --data_dir ~/tfds_mine
-    python -m shufflenet_jax.prepare imagenet2012 --manual_dir ~/ILSVRC2012
+    python -m shufflenet_jax.data.prepare digits
+    python -m shufflenet_jax.data.prepare image_folder --manual_dir ~/images --data_dir ~/tfds_mine
+    python -m shufflenet_jax.data.prepare imagenet2012 --manual_dir ~/ILSVRC2012
 
 This is the only step that may need TensorFlow: `imagenet2012` and most catalog builders use it
 while generating; `digits` and `image_folder` do not. Training and evaluation never import it.
@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from shufflenet_jax import datasets
+from shufflenet_jax.data import datasets
 
 TF_HINT = (
     "preparing {name!r} needs TensorFlow, which is not installed. Install the CPU build in the "

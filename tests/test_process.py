@@ -1,4 +1,4 @@
-"""hostmem.reuse_freed_host_memory: XLA:CPU's temporary buffers stop page-faulting every call."""
+"""shufflenet_jax.process: the program setup (malloc, flags, kernels) and its absence on import."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ import numpy as np
 # the page faults of each later call against the buffer's size in pages.
 _PROBE = """
 import json, resource, sys
-from shufflenet_jax.hostmem import reuse_freed_host_memory
+from shufflenet_jax.process import reuse_freed_host_memory
 applied = reuse_freed_host_memory() if sys.argv[1] == "reuse" else None
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.cumsum(jnp.cumsum(2.0 * x, axis=0)[::-1], axis=1).sum())
@@ -47,7 +47,7 @@ def test_reused_host_memory_stops_per_call_page_faults():
 
 
 def test_process_setup_changes_malloc_only_when_the_cpu_is_the_default_backend(monkeypatch):
-    from shufflenet_jax import hostmem
+    from shufflenet_jax import process as hostmem
 
     def refuse():
         raise AssertionError("malloc changed for a non-CPU backend")
@@ -56,12 +56,12 @@ def test_process_setup_changes_malloc_only_when_the_cpu_is_the_default_backend(m
     for platforms in ("cuda", "tpu", "cuda,cpu"):
         monkeypatch.setenv("JAX_PLATFORMS", platforms)
         assert not hostmem.cpu_is_default_backend()
-        assert "not the CPU" in hostmem.setup_process()
+        assert "not the CPU" in hostmem.setup_process()[0]
     calls = []
     monkeypatch.setattr(hostmem, "reuse_freed_host_memory", lambda: calls.append(1) or True)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert hostmem.cpu_is_default_backend()
-    assert "kept for reuse" in hostmem.setup_process() and calls == [1]
+    assert "kept for reuse" in hostmem.setup_process()[0] and calls == [1]
 
 
 def test_train_py_says_what_the_process_setup_did(tmp_path):
@@ -74,7 +74,7 @@ def test_train_py_says_what_the_process_setup_did(tmp_path):
             "configs/digits.py",
             "--workdir",
             str(tmp_path / "w"),
-            "--config.data_dir",
+            "--config.data.data_dir",
             str(tmp_path / "nothing"),
         ],
         capture_output=True,
@@ -82,3 +82,55 @@ def test_train_py_says_what_the_process_setup_did(tmp_path):
         cwd=Path(__file__).parents[1],
     )
     assert out.stdout.startswith("host malloc: freed memory kept for reuse"), out.stdout
+
+
+_IMPORT_ALL = """
+import json, os, sys
+env = dict(os.environ)
+import jax
+from absl import flags
+names = ("jax_enable_x64", "jax_cpu_collectives_implementation")
+config = {k: getattr(jax.config, k) for k in names}
+import shufflenet_jax, shufflenet_jax.evaluation, shufflenet_jax.process
+import shufflenet_jax.data.prepare, shufflenet_jax.interop.compare, shufflenet_jax.interop.convert
+import shufflenet_jax.model.summary, shufflenet_jax.train.loop
+from shufflenet_jax.ops import native
+from jax._src import xla_bridge
+print(json.dumps({
+    "env": dict(os.environ) == env,
+    "config": config == {k: getattr(jax.config, k) for k in config},
+    "flags_parsed": flags.FLAGS.is_parsed(),
+    "backends": bool(xla_bridge._backends),
+    "kernels_loaded": native._register.cache_info().currsize,
+}))
+"""
+
+
+def test_importing_the_library_changes_no_process_state():
+    """No environment, JAX config, absl flag parsing, backend start or C++ build on import:
+    programs do all of that in `setup_process`."""
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ALL], capture_output=True, text=True, check=True
+    )
+    state = json.loads(out.stdout.splitlines()[-1])
+    assert state == {
+        "env": True,
+        "config": True,
+        "flags_parsed": False,
+        "backends": False,
+        "kernels_loaded": 0,
+    }, state
+
+
+def test_process_setup_builds_the_kernels_and_readies_the_flags_grain_workers_read():
+    code = (
+        "from absl import flags\n"
+        "from shufflenet_jax import process\n"
+        "from shufflenet_jax.ops import native\n"
+        "lines = process.setup_process()\n"
+        "assert flags.FLAGS.is_parsed() and native._register.cache_info().currsize == 1\n"
+        "print(lines)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "C++ kernels: " in out.stdout and "-march=" in out.stdout, out.stdout

@@ -1,8 +1,8 @@
 """XLA fusion lab: what XLA makes of ShuffleNet V2's element-wise work, from the optimized HLO.
 
-    python -m shufflenet_jax.fusion                      # unit variants side by side, forward
-    python -m shufflenet_jax.fusion --target net --mode train --compare shuffle
-    python -m shufflenet_jax.fusion --target pair --compare shuffle --save-hlo hlo/
+    python -m lab.fusion                      # unit variants side by side, forward
+    python -m lab.fusion --target net --mode train --compare shuffle
+    python -m lab.fusion --target pair --compare shuffle --save-hlo hlo/
 
 Targets: `unit` (one stride-1 ShuffleUnit), `pair` (two stride-1 units: concat + shuffle + the
 next unit's split), `block` (1x1 conv + BatchNorm + ReLU), `net` (the whole ShuffleNetV2).
@@ -31,8 +31,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lab import variants as impls
 from shufflenet_jax import ops
-from shufflenet_jax.models import ShuffleUnit, abstract_model, with_values
+from shufflenet_jax.model.network import ShuffleUnit, abstract_model, with_values
 
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -270,7 +271,11 @@ def unit_case(channels: int, shuffle: str, depthwise: str, mode: str):
     """One stride-1 ShuffleUnit."""
     unit = nnx.eval_shape(
         lambda: ShuffleUnit(
-            channels, channels, 1, shuffle_impl=shuffle, depthwise_impl=depthwise, rngs=nnx.Rngs(0)
+            channels,
+            channels,
+            1,
+            ops=impls.named_ops(shuffle=shuffle, depthwise=depthwise),
+            rngs=nnx.Rngs(0),
         )
     )
     return _as_pure(_random_model(unit), mode, lambda m, x: jnp.mean(m(x) ** 2))
@@ -284,7 +289,7 @@ class UnitPair(nnx.Module):
 
     def __init__(self, channels: int, shuffle: str, depthwise: str, rngs: nnx.Rngs):
         impl = "transpose" if shuffle == "folded" else shuffle
-        kw = dict(shuffle_impl=impl, depthwise_impl=depthwise, rngs=rngs)
+        kw = dict(ops=impls.named_ops(shuffle=impl, depthwise=depthwise), rngs=rngs)
         self.first = ShuffleUnit(channels, channels, 1, **kw)
         self.second = ShuffleUnit(channels, channels, 1, **kw)
         self.folded = shuffle == "folded"
@@ -316,7 +321,7 @@ class ConvBnRelu(nnx.Module):
     """1x1 conv, BatchNorm, ReLU: the element-wise tail every ShuffleNet conv has."""
 
     def __init__(self, channels: int, rngs: nnx.Rngs):
-        from shufflenet_jax.layers import BatchNorm, Conv2d
+        from shufflenet_jax.model.layers import BatchNorm, Conv2d
 
         self.conv = Conv2d(channels, channels, 1, rngs=rngs)
         self.bn = BatchNorm(channels)
@@ -355,7 +360,7 @@ def block_case(channels: int, bn_relu: str, mode: str):
 
 
 def net_case(width: float, shuffle: str, depthwise: str, mode: str):
-    model = abstract_model(width, 1000, shuffle_impl=shuffle, depthwise_impl=depthwise)
+    model = abstract_model(width, 1000, ops=impls.named_ops(shuffle=shuffle, depthwise=depthwise))
 
     def loss(m, x):
         logits = m(x)
@@ -367,7 +372,7 @@ def net_case(width: float, shuffle: str, depthwise: str, mode: str):
 
 
 SHUFFLES = ("transpose", "stack", "gather")
-DEPTHWISE = tuple(sorted(ops.DEPTHWISE_IMPLS))
+DEPTHWISE = tuple(sorted(impls.DEPTHWISE))
 
 
 def variants(target: str, compare: str) -> list[dict[str, str]]:

@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from shufflenet_jax import datasets as _registers_builders  # noqa: F401  (digits, image_folder)
+from shufflenet_jax.data import datasets as _registers_builders  # noqa: F401  (digits, image_folder)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,14 +59,14 @@ class Split:
 
 
 def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
-    """Open a split prepared by `python -m shufflenet_jax.prepare` (array_record files)."""
+    """Open a split prepared by `python -m shufflenet_jax.data.prepare` (array_record files)."""
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"unknown dataset {dataset!r}: not a TFDS or shufflenet_jax name"
         ) from None
-    hint = f"python -m shufflenet_jax.prepare {dataset}" + (
+    hint = f"python -m shufflenet_jax.data.prepare {dataset}" + (
         f" --data_dir {data_dir}" if data_dir else ""
     )
     if not builder.is_prepared():
@@ -308,7 +308,10 @@ def _finish(
     it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
-            flags.FLAGS.mark_as_parsed()
+            raise RuntimeError(
+                "worker_count > 0 starts grain worker processes, which read absl's flags: "
+                "call shufflenet_jax.process.setup_process() first (train.py and eval.py do)"
+            )
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return it
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -10,9 +13,24 @@ from shufflenet_jax import ops
 
 Array = jax.Array
 
-DEFAULT_DENSE_IMPL = "native"
-DEFAULT_DEPTHWISE_IMPL = "native"
-DEFAULT_POINTWISE_IMPL = "dot"
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """How the network computes each op: the model's one implementation switch, injected by
+    experiments (`lab.variants`). Every choice computes the same function (tests); the
+    defaults are the fastest measured, each picking C++ or XLA by platform inside.
+
+    `dense(x, kernel, stride)` is the stem's 3x3, `depthwise(x, kernel, stride)` the 3x3
+    depthwise, `pointwise(x, kernel)` the 1x1 convolutions, `shuffle(x, groups)` the channel
+    shuffle; `fused_inference` runs an inference model's stem and stages as fused calls
+    (`ops.fused_stem_pool`, `ops.fused_stage`).
+    """
+
+    dense: Callable[[Array, Array, int], Array] = ops.conv_native
+    depthwise: Callable[[Array, Array, int], Array] = ops.depthwise_native
+    pointwise: Callable[[Array, Array], Array] = ops.pointwise_dot
+    shuffle: Callable[[Array, int], Array] = ops.channel_shuffle
+    fused_inference: bool = True
 
 
 def _conv_kind(
@@ -29,19 +47,11 @@ def _conv_kind(
     )
 
 
-_IMPLS = {
-    "dense": ops.DENSE_IMPLS,
-    "depthwise": ops.DEPTHWISE_IMPLS,
-    "pointwise": ops.POINTWISE_IMPLS,
-}
-
-
 class Conv2d(nnx.Module):
     """Bias-free 2-D convolution padded by kernel_size//2 on every side (PyTorch's `padding=k//2`).
 
     `kernel` is HWIO: (k, k, in_channels // groups, out_channels). Each kind of convolution
-    (dense, depthwise, 1x1 pointwise) is computed by the implementation its `*_impl` argument
-    names in `ops.DENSE_IMPLS`, `ops.DEPTHWISE_IMPLS` or `ops.POINTWISE_IMPLS`.
+    (dense, depthwise, 1x1 pointwise) is computed by the function `ops` gives for it.
     """
 
     def __init__(
@@ -52,28 +62,20 @@ class Conv2d(nnx.Module):
         *,
         stride: int = 1,
         groups: int = 1,
-        dense_impl: str = DEFAULT_DENSE_IMPL,
-        depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
-        pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
+        ops: Ops = Ops(),  # noqa: B008  (frozen, so one shared default is safe)
         rngs: nnx.Rngs,
     ):
         self.kind = _conv_kind(in_channels, out_channels, kernel_size, stride, groups)
-        chosen = {"dense": dense_impl, "depthwise": depthwise_impl, "pointwise": pointwise_impl}
-        self.impl = chosen[self.kind]
-        if self.impl not in _IMPLS[self.kind]:
-            raise ValueError(
-                f"unknown {self.kind}_impl {self.impl!r}; choose from {sorted(_IMPLS[self.kind])}"
-            )
+        self.fn = getattr(ops, self.kind)
         self.stride = stride
         shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
         init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
         self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
 
     def __call__(self, x: Array) -> Array:
-        fn = _IMPLS[self.kind][self.impl]
         if self.kind == "pointwise":
-            return fn(x, self.kernel[...])
-        return fn(x, self.kernel[...], self.stride)
+            return self.fn(x, self.kernel[...])
+        return self.fn(x, self.kernel[...], self.stride)
 
 
 class BatchNorm(nnx.Module):

@@ -10,21 +10,22 @@ import optax
 
 def learning_rate(config: Any) -> float:
     """Peak learning rate: `base_learning_rate` scaled linearly from `base_batch_size`."""
-    global_batch = config.batch_size * config.grad_accum_steps
-    return config.base_learning_rate * global_batch / config.base_batch_size
+    o = config.optim
+    global_batch = config.train.batch_size * o.grad_accum_steps
+    return o.base_learning_rate * global_batch / o.base_batch_size
 
 
 def schedule(config: Any) -> optax.Schedule:
     """Learning rate per optimizer update: optional linear warm-up, then linear or cosine to 0."""
-    peak = learning_rate(config)
-    updates = config.total_steps // config.grad_accum_steps
-    warmup = min(config.warmup_steps, updates)
-    if config.schedule == "linear":
+    o, peak = config.optim, learning_rate(config)
+    updates = config.train.total_steps // o.grad_accum_steps
+    warmup = min(o.warmup_steps, updates)
+    if o.schedule == "linear":
         decay = optax.linear_schedule(peak, 0.0, max(updates - warmup, 1))
-    elif config.schedule == "cosine":
+    elif o.schedule == "cosine":
         decay = optax.cosine_decay_schedule(peak, max(updates - warmup, 1))
     else:
-        raise ValueError(f"unknown schedule {config.schedule!r}; use 'linear' or 'cosine'")
+        raise ValueError(f"unknown schedule {o.schedule!r}; use 'linear' or 'cosine'")
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -45,12 +46,13 @@ def make_optimizer(config: Any, params: Any) -> optax.GradientTransformation:
     """SGD with momentum (optionally Nesterov) and coupled L2 weight decay on the kernels, as
     PyTorch's `SGD(weight_decay=...)` in the official recipe; `grad_accum_steps` > 1 averages
     that many micro-batch gradients per update."""
-    if config.optimizer != "sgd":
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; this recipe uses 'sgd'")
+    o = config.optim
+    if o.optimizer != "sgd":
+        raise ValueError(f"unknown optimizer {o.optimizer!r}; this recipe uses 'sgd'")
     tx = optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask(params)),
-        optax.sgd(schedule(config), momentum=config.momentum, nesterov=config.nesterov),
+        optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask(params)),
+        optax.sgd(schedule(config), momentum=o.momentum, nesterov=o.nesterov),
     )
-    if config.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+    if o.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)
     return tx

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from flax import nnx
 
-from shufflenet_jax.layers import BatchNorm, Bias, Conv2d, folded_conv
-from shufflenet_jax.models import ShuffleNetV2
+from shufflenet_jax.model.layers import BatchNorm, Bias, Conv2d, folded_conv
+from shufflenet_jax.model.network import ShuffleNetV2
 
 
 def fold_batchnorm(model: ShuffleNetV2) -> ShuffleNetV2:

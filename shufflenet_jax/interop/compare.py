@@ -1,6 +1,6 @@
 """Run torchvision and the converted JAX model on the same input and report their differences.
 
-    python -m shufflenet_jax.compare --width 1.0 [--weights PATH.pth] [--image FILE] [--json]
+    python -m shufflenet_jax.interop.compare --width 1.0 [--weights W.pth] [--image F] [--json]
 
 Without --weights, torchvision's model gets random weights and random BatchNorm running
 statistics (not the identity defaults, which would hide layout mistakes). Both models run in
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from shufflenet_jax.convert import load_torch_state_dict, load_torchvision
-from shufflenet_jax.models import STAGE_NAMES, ShuffleNetV2, check_width
+from shufflenet_jax.interop.convert import load_torch_state_dict, load_torchvision
+from shufflenet_jax.model.network import STAGE_NAMES, ShuffleNetV2, check_width
 
 TORCHVISION_BUILDERS = {
     0.5: "shufflenet_v2_x0_5",
@@ -100,7 +100,7 @@ def top5(logits: np.ndarray) -> list[list[tuple[int, float]]]:
 
 def load_image(path: str, width: float) -> np.ndarray:
     """One image with torchvision's ImageNet eval preprocessing, as a (1, 224, 224, 3) array."""
-    from shufflenet_jax.input_pipeline import EvalTransform, decode_image
+    from shufflenet_jax.data.pipeline import EvalTransform, decode_image
 
     with open(path, "rb") as f:
         image = decode_image(f.read(), path)

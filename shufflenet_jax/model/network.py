@@ -14,17 +14,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shufflenet_jax import ops
-from shufflenet_jax.layers import (
-    DEFAULT_DENSE_IMPL,
-    DEFAULT_DEPTHWISE_IMPL,
-    DEFAULT_POINTWISE_IMPL,
+from shufflenet_jax.model.layers import (
     BatchNorm,
     Bias,
     Conv2d,
     MaxPool,
+    Ops,
     folded_conv,
     is_inference_norm,
 )
+from shufflenet_jax.ops.native import DownUnitWeights, UnitWeights
 
 Array = jax.Array
 
@@ -37,7 +36,6 @@ STAGE_OUT_CHANNELS: dict[float, tuple[int, int, int, int, int]] = {
     2.0: (24, 244, 488, 976, 2048),
 }
 STAGE_NAMES = ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")
-FOLDED_IMPLS = ("layers", "native")
 
 
 def check_width(width: float | str) -> float:
@@ -66,17 +64,10 @@ class ShuffleUnit(nnx.Module):
         out_channels: int,
         stride: int,
         *,
-        depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
-        pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
-        shuffle_impl: str = "transpose",
+        ops: Ops = Ops(),  # noqa: B008  (frozen, so one shared default is safe)
         unbiased_running_var: bool = False,
         rngs: nnx.Rngs,
     ):
-        if shuffle_impl not in ops.SHUFFLE_IMPLS:
-            raise ValueError(
-                f"unknown shuffle_impl {shuffle_impl!r}; choose from {sorted(ops.SHUFFLE_IMPLS)}"
-            )
-        self.shuffle_impl = shuffle_impl
         if stride not in (1, 2):
             raise ValueError(f"ShuffleUnit stride must be 1 or 2, got {stride}")
         if out_channels % 2:
@@ -90,18 +81,10 @@ class ShuffleUnit(nnx.Module):
                 f"in_channels={in_channels} != out_channels={out_channels}"
             )
         self.stride = stride
+        self.shuffle = ops.shuffle
 
         def conv(cin, cout, k, s=1, groups=1):
-            return Conv2d(
-                cin,
-                cout,
-                k,
-                stride=s,
-                groups=groups,
-                depthwise_impl=depthwise_impl,
-                pointwise_impl=pointwise_impl,
-                rngs=rngs,
-            )
+            return Conv2d(cin, cout, k, stride=s, groups=groups, ops=ops, rngs=rngs)
 
         def bn(c):
             return BatchNorm(c, unbiased_running_var=unbiased_running_var)
@@ -128,111 +111,82 @@ class ShuffleUnit(nnx.Module):
             nnx.relu,
         )
 
-    @property
-    def inference(self) -> bool:
-        """Whether its BatchNorms use fixed statistics (eval mode, or folded into biases by
-        `folding.fold_batchnorm`), so that the unit is convolutions with biases."""
-        return is_inference_norm(self.branch2.layers[1])
-
-    def folded_weights(self) -> tuple[Array, ...]:
-        """An inference unit's weights with BatchNorm folded, in `native.shuffle_stage`'s
-        order: branch 2's 1x1 kernel and bias, depthwise kernel (9, C) and bias, 1x1 kernel
-        and bias; then branch 1's (stride 2)."""
-
-        def pair(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, Array]:
-            k, b = folded_conv(conv, norm)
-            return k.reshape(-1, k.shape[-1]), b
-
-        b2 = self.branch2.layers
-        weights = (*pair(b2[0], b2[1]), *pair(b2[3], b2[4]), *pair(b2[5], b2[6]))
-        if self.branch1 is not None:
-            b1 = self.branch1.layers
-            weights += (*pair(b1[0], b1[1]), *pair(b1[2], b1[3]))
-        return weights
-
     def __call__(self, x: Array) -> Array:
         if self.stride == 1:
             x1, x2 = jnp.split(x, 2, axis=-1)
             out = jnp.concatenate([x1, self.branch2(x2)], axis=-1)
         else:
             out = jnp.concatenate([self.branch1(x), self.branch2(x)], axis=-1)
-        return ops.SHUFFLE_IMPLS[self.shuffle_impl](out, 2)
+        return self.shuffle(out, 2)
 
 
-def _stage_layers(stage: Stage, x: Array) -> Array:
-    return nnx.Sequential.__call__(stage, x)
+def unit_weights(unit: ShuffleUnit) -> UnitWeights | DownUnitWeights:
+    """An inference unit's weights with BatchNorm folded, as the fused stage reads them."""
+
+    def pair(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, Array]:
+        k, b = folded_conv(conv, norm)
+        return k.reshape(-1, k.shape[-1]), b
+
+    b2 = unit.branch2.layers
+    weights = (*pair(b2[0], b2[1]), *pair(b2[3], b2[4]), *pair(b2[5], b2[6]))
+    if unit.branch1 is None:
+        return UnitWeights(*weights)
+    b1 = unit.branch1.layers
+    return DownUnitWeights(*weights, *pair(b1[0], b1[1]), *pair(b1[2], b1[3]))
 
 
-def _stage_native(stage: Stage, x: Array) -> Array:
-    weights = [unit.folded_weights() for unit in stage.layers]
-    return ops.folded_stage_native(x, weights, _stage_layers(stage, x))
+def _stage_layers(stage: nnx.Sequential, x: Array) -> Array:
+    return stage(x)
+
+
+def _stage_fused(stage: nnx.Sequential, x: Array) -> Array:
+    weights = [unit_weights(unit) for unit in stage.layers]
+    return ops.fused_stage(x, weights, lambda: stage(x))
 
 
 def _stem_layers(conv1: nnx.Sequential, image: Array) -> Array:
     return ops.max_pool_3x3_s2(conv1(image))
 
 
-def _stem_native(conv1: nnx.Sequential, image: Array) -> Array:
+def _stem_fused(conv1: nnx.Sequential, image: Array) -> Array:
     conv, norm = conv1.layers[:2]
-    return ops.folded_stem_native(image, *folded_conv(conv, norm), _stem_layers(conv1, image))
+    kernel, bias = folded_conv(conv, norm)
+    return ops.fused_stem_pool(image, kernel, bias, lambda: _stem_layers(conv1, image))
 
 
-def _native_with_layers_gradient(module: nnx.Module, native, layers, x: Array) -> Array:
-    """native(module, x), differentiated as layers(module, x), the same function through XLA:
-    the C++ inference kernels have no gradients of their own (eval-mode fine-tuning needs
-    them)."""
+def _fused_with_layers_gradient(module: nnx.Module, fused, layers, x: Array) -> Array:
+    """fused(module, x), differentiated as layers(module, x), the same function through XLA:
+    the fused C++ calls have no gradients of their own (eval-mode fine-tuning needs them)."""
     graphdef, state = nnx.split(module)
-    return _native_forward(graphdef, native, layers, x, state)
+    return _fused_forward(graphdef, fused, layers, x, state)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _native_forward(graphdef, native, layers, x, state):
-    return native(nnx.merge(graphdef, state), x)
+def _fused_forward(graphdef, fused, layers, x, state):
+    return fused(nnx.merge(graphdef, state), x)
 
 
-def _native_forward_fwd(graphdef, native, layers, x, state):
-    return _native_forward(graphdef, native, layers, x, state), (x, state)
+def _fused_forward_fwd(graphdef, fused, layers, x, state):
+    return _fused_forward(graphdef, fused, layers, x, state), (x, state)
 
 
-def _native_forward_bwd(graphdef, native, layers, residuals, g):
+def _fused_forward_bwd(graphdef, fused, layers, residuals, g):
     x, state = residuals
     _, pullback = jax.vjp(lambda x, state: layers(nnx.merge(graphdef, state), x), x, state)
     return pullback(g)
 
 
-_native_forward.defvjp(_native_forward_fwd, _native_forward_bwd)
-
-
-class Stage(nnx.Sequential):
-    """A stage's ShuffleUnits, applied in order (torchvision's `stage2` etc.).
-
-    With `impl="native"`, a stage in inference (eval mode, or folded by
-    `folding.fold_batchnorm`) runs as one C++ call when compiled for the CPU in float32
-    (`native.shuffle_stage` on the weights with BatchNorm folded: each image goes through all
-    units while it is in the cache; gradients, if asked for, are XLA's layers'); otherwise, and
-    with `impl="layers"`, the units' layers run through XLA.
-    """
-
-    def __init__(self, *units: ShuffleUnit, impl: str):
-        super().__init__(*units)
-        self.impl = impl
-
-    def __call__(self, x: Array) -> Array:
-        if self.impl == "native" and all(unit.inference for unit in self.layers):
-            return _native_with_layers_gradient(self, _stage_native, _stage_layers, x)
-        return _stage_layers(self, x)
+_fused_forward.defvjp(_fused_forward_fwd, _fused_forward_bwd)
 
 
 class ShuffleNetV2(nnx.Module):
     """ShuffleNet V2 for NHWC RGB images of any size (down to 1x1), returning class logits.
 
-    `dense_impl` / `depthwise_impl` / `pointwise_impl` pick how the stem 3x3, the depthwise 3x3
-    and the 1x1 convolutions are computed, `shuffle_impl` the channel shuffle
-    (`ops.SHUFFLE_IMPLS`), `folded_impl` how the network runs once `folding.fold_batchnorm` has
-    folded it for inference ("native": the stem with its max-pool, and each stage, as one C++
-    call each on the CPU in float32; "layers": XLA); all choices compute the same function.
-    `unbiased_running_var=True` makes BatchNorm's running variance follow PyTorch (unbiased)
-    instead of Flax (biased); it only matters in training mode.
+    `ops` chooses how each op is computed (`Ops`; all choices compute the same function). In
+    inference (eval mode, or folded by `fold_batchnorm`) the stem with its max-pool and each
+    stage run as one fused call each (C++ on the CPU in float32, XLA elsewhere), with XLA's
+    layers' gradients. `unbiased_running_var=True` makes BatchNorm's running variance follow
+    PyTorch (unbiased) instead of Flax (biased); it only matters in training mode.
     """
 
     def __init__(
@@ -240,48 +194,40 @@ class ShuffleNetV2(nnx.Module):
         width: float | str = 1.0,
         num_classes: int = 1000,
         *,
-        dense_impl: str = DEFAULT_DENSE_IMPL,
-        depthwise_impl: str = DEFAULT_DEPTHWISE_IMPL,
-        pointwise_impl: str = DEFAULT_POINTWISE_IMPL,
-        shuffle_impl: str = "transpose",
-        folded_impl: str = "native",
+        ops: Ops = Ops(),  # noqa: B008  (frozen, so one shared default is safe)
         unbiased_running_var: bool = False,
         rngs: nnx.Rngs,
     ):
         self.width = check_width(width)
-        if folded_impl not in FOLDED_IMPLS:
-            raise ValueError(
-                f"unknown folded_impl {folded_impl!r}; choose from {list(FOLDED_IMPLS)}"
-            )
-        self.folded_impl = folded_impl
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes
+        self.fused_inference = ops.fused_inference
         c1, *stage_channels, c5 = STAGE_OUT_CHANNELS[self.width]
-        kw = dict(
-            depthwise_impl=depthwise_impl,
-            pointwise_impl=pointwise_impl,
-            rngs=rngs,
-        )
         bn_kw = dict(unbiased_running_var=unbiased_running_var)
 
         self.conv1 = nnx.Sequential(
-            Conv2d(3, c1, 3, stride=2, dense_impl=dense_impl, **kw),
-            BatchNorm(c1, **bn_kw),
-            nnx.relu,
+            Conv2d(3, c1, 3, stride=2, ops=ops, rngs=rngs), BatchNorm(c1, **bn_kw), nnx.relu
         )
         self.maxpool = MaxPool()
         cin = c1
         for name, repeats, cout in zip(
-            ("stage2", "stage3", "stage4"), STAGE_REPEATS, stage_channels, strict=False
+            STAGE_NAMES[2:5], STAGE_REPEATS, stage_channels, strict=True
         ):
-            unit_kw = dict(shuffle_impl=shuffle_impl, **bn_kw, **kw)
+            unit_kw = dict(ops=ops, rngs=rngs, **bn_kw)
             units = [ShuffleUnit(cin, cout, 2, **unit_kw)]
             units += [ShuffleUnit(cout, cout, 1, **unit_kw) for _ in range(repeats - 1)]
-            setattr(self, name, Stage(*units, impl=folded_impl))
+            setattr(self, name, nnx.Sequential(*units))
             cin = cout
-        self.conv5 = nnx.Sequential(Conv2d(cin, c5, 1, **kw), BatchNorm(c5, **bn_kw), nnx.relu)
+        self.conv5 = nnx.Sequential(
+            Conv2d(cin, c5, 1, ops=ops, rngs=rngs), BatchNorm(c5, **bn_kw), nnx.relu
+        )
         self.fc = nnx.Linear(c5, num_classes, rngs=rngs)
+
+    @property
+    def inference(self) -> bool:
+        """Whether BatchNorm uses fixed statistics (eval mode, or folded into biases)."""
+        return is_inference_norm(self.conv1.layers[1])
 
     def stages(self, x: Array) -> dict[str, Array]:
         """Outputs of every stage in `STAGE_NAMES` and the logits (`fc`), for stage-wise checks."""
@@ -290,16 +236,23 @@ class ShuffleNetV2(nnx.Module):
                 "ShuffleNetV2 expects NHWC RGB input of shape (batch, height, width, 3), "
                 f"got {x.shape}"
             )
-        out = {}
-        image = x
-        native_stem = self.folded_impl == "native" and is_inference_norm(self.conv1.layers[1])
-        for name in STAGE_NAMES:
-            if name == "maxpool" and native_stem:  # the stem's conv and pool in one C++ call
-                x = _native_with_layers_gradient(self.conv1, _stem_native, _stem_layers, image)
-            else:
-                x = getattr(self, name)(x)
-            out[name] = x
-        out["fc"] = self.fc(ops.global_average_pool(x))
+        if self.fused_inference and self.inference:
+            out = self._fused_stages(x)
+        else:
+            out, h = {}, x
+            for name in STAGE_NAMES:
+                h = out[name] = getattr(self, name)(h)
+        out["fc"] = self.fc(ops.global_average_pool(out["conv5"]))
+        return out
+
+    def _fused_stages(self, image: Array) -> dict[str, Array]:
+        out = {"conv1": self.conv1(image)}  # for stage-wise checks; unused, XLA drops it
+        h = _fused_with_layers_gradient(self.conv1, _stem_fused, _stem_layers, image)
+        out["maxpool"] = h
+        for name in STAGE_NAMES[2:5]:
+            stage = getattr(self, name)
+            h = out[name] = _fused_with_layers_gradient(stage, _stage_fused, _stage_layers, h)
+        out["conv5"] = self.conv5(h)
         return out
 
     def __call__(self, x: Array) -> Array:

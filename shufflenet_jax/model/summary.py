@@ -1,6 +1,6 @@
 """Layer-by-layer model summary (output shape, parameters, multiply-adds), torchsummary style.
 
-    python -m shufflenet_jax.summary --width 1.0 [--size 224 | --size 193x257] [--json]
+    python -m shufflenet_jax.model.summary --width 1.0 [--size 224 | --size 193x257] [--json]
 
 Multiply-adds (MACs) count the convolutions and the fully connected layer, the convention of
 torchvision's `GFLOPS` metadata and of the paper's "FLOPs". BatchNorm, ReLU, pooling, concat and
@@ -19,8 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shufflenet_jax.layers import Conv2d
-from shufflenet_jax.models import STAGE_OUT_CHANNELS, ShuffleNetV2, abstract_model, check_width
+from shufflenet_jax.model.layers import Conv2d
+from shufflenet_jax.model.network import (
+    STAGE_OUT_CHANNELS,
+    ShuffleNetV2,
+    abstract_model,
+    check_width,
+)
 
 # Paper Table 8, complexity in MFLOPs (multiply-adds) at 224x224.
 PAPER_MFLOPS = {0.5: 41, 1.0: 146, 1.5: 299, 2.0: 591}

@@ -1,11 +1,11 @@
-"""Keep freed host memory in the process so XLA:CPU's per-step buffers stop page-faulting.
+"""Program-wide setup, in one explicit function that train.py, eval.py and the benchmarks call
+first: host malloc, multi-host initialization, the C++ kernels. Importing it changes nothing.
 
-XLA:CPU allocates each execution's temporary buffer with malloc (550 MB for a batch-32
-ShuffleNet V2 1.0x train step) from one of its worker threads. glibc serves an allocation that
-large from a worker thread's arena with a fresh mmap and unmaps it on free, so every step touches
-135,000 new pages: about 0.4 s of kernel time per step on the project's CPU machine
-(docs/performance.md). Sending all threads to the main arena, with mmap off and no trimming,
-makes the next step reuse the same pages.
+Host memory: XLA:CPU allocates each execution's temporary buffer (hundreds of MB for a train
+step) with malloc from one of its worker threads. glibc serves an allocation that large from a
+worker thread's arena with a fresh mmap and unmaps it on free, so every step touches new pages
+at a large kernel-time cost (docs/performance.md). Sending all threads to the main arena, with
+mmap off and no trimming, makes the next step reuse the same pages.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
+
+import jax
+from absl import flags
 
 # glibc's <malloc.h> parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -52,10 +55,32 @@ def cpu_is_default_backend() -> bool:
     return not plugins and importlib.util.find_spec("libtpu") is None
 
 
-def setup_process() -> str:
-    """Process-wide settings for train.py, eval.py and the benchmarks, to call before any JAX
-    computation: on the CPU backend `reuse_freed_host_memory`, elsewhere nothing. Returns a
-    line saying what it did, for the program's log."""
+def setup_process(
+    coordinator_address: str | None = None, num_processes: int = 1, process_id: int = 0
+) -> list[str]:
+    """Process-wide settings, to call before any JAX computation; returns what it did, a line
+    each, for the program's log.
+
+    On the CPU backend: `reuse_freed_host_memory`. With `coordinator_address`:
+    `jax.distributed.initialize` (CPU collectives over gloo). Marks absl's flags parsed for
+    grain's worker processes when the program did not parse them. Then builds or loads the C++
+    kernels if the CPU is the default backend, so that tracing does not run the compiler.
+    """
+    lines = [_setup_malloc()]
+    if coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        lines.append(f"distributed: process {process_id} of {num_processes}")
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    if cpu_is_default_backend():
+        from shufflenet_jax.ops import native
+
+        lines.append(f"C++ kernels: {native.status()}")
+    return lines
+
+
+def _setup_malloc() -> str:
     if not cpu_is_default_backend():
         return "host malloc: glibc's defaults (the default backend is not the CPU)"
     if reuse_freed_host_memory():

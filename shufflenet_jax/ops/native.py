@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,13 @@ def available() -> bool:
     return True
 
 
+def status() -> str:
+    """Builds or loads the kernels now; says where they are, or that XLA's formulations run."""
+    if not available():
+        return "unavailable (XLA's formulations run instead)"
+    return f"{build_library()} (-march={_march()})"
+
+
 def _call(target: str, shape: tuple[int, ...], *args: Array, **attrs: int) -> Array:
     _register()
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -204,15 +212,36 @@ def batch_norm_grad_sums(g: Array, x: Array, mean: Array) -> tuple[Array, Array]
     return out[0], out[1]
 
 
+class UnitWeights(NamedTuple):
+    """A stride-1 unit's weights with BatchNorm folded, in the order kernels.cc reads them:
+    branch 2's 1x1 (C/2, half), 3x3 depthwise (9, half) and 1x1 (half, half) kernels, each
+    followed by its bias."""
+
+    pw1: Array
+    pw1_bias: Array
+    dw: Array
+    dw_bias: Array
+    pw2: Array
+    pw2_bias: Array
+
+
+DownUnitWeights = NamedTuple(
+    "DownUnitWeights",
+    [(name, Array) for name in UnitWeights._fields]
+    + [(f"branch1_{name}", Array) for name in ("dw", "dw_bias", "pw", "pw_bias")],
+)
+DownUnitWeights.__doc__ = """A stride-2 unit's weights: branch 2's as in `UnitWeights` (its
+first 1x1 reads all C_in channels), then branch 1's depthwise (9, C_in) and 1x1 (C_in, half)
+kernels, each followed by its bias."""
+
+
 def shuffle_stage(x: Array, units: list[tuple[Array, ...]]) -> Array:
     """ShuffleNet V2 units with BatchNorm folded, one after another on float32 NHWC x, on the CPU.
 
-    Each unit's weights: branch 2's 1x1 kernel (C_in, half) and bias, ReLU, 3x3 depthwise
-    kernel (9, half) and bias, 1x1 kernel (half, half) and bias, ReLU; six arrays for a stride-1
-    unit (its branch 2 sees the second half of the channels, the first half passes through), ten
-    for a stride-2 unit, which adds branch 1's depthwise kernel (9, C_in) and bias, 1x1 kernel
-    (C_in, half) and bias, ReLU. Only the first unit may have stride 2. Each returns its two
-    branches concatenated and shuffled; each image goes through all units while in the cache.
+    Each unit is a `UnitWeights` (six arrays, stride 1: branch 2 sees the second half of the
+    channels, the first half passes through) or, first unit only, a `DownUnitWeights` (ten,
+    stride 2); ReLU follows each branch's last 1x1. Each unit returns its two branches
+    concatenated and shuffled; each image goes through all units while in the cache.
     """
     if not units:
         raise ValueError("shuffle_stage: needs at least one unit")

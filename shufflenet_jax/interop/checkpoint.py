@@ -3,7 +3,7 @@
 - `model`: JSON with the constructor arguments (`width`, `num_classes`) and free-form provenance;
 - `state`: every `nnx.Param` and `nnx.BatchStat` as `nnx.to_pure_dict` lays them out.
 
-`python -m shufflenet_jax.convert` writes it; evaluation and fine-tuning restore it.
+`python -m shufflenet_jax.interop.convert` writes it; evaluation and fine-tuning restore it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from shufflenet_jax.models import ShuffleNetV2, abstract_model, check_width, with_values
+from shufflenet_jax.model.network import ShuffleNetV2, abstract_model, check_width, with_values
 
 MODEL_ITEM = "model"
 STATE_ITEM = "state"
@@ -56,7 +56,7 @@ def restore_model(
     **model_kwargs: Any,
 ) -> ShuffleNetV2:
     """Load a checkpoint written by `save_model`. A `width` or `num_classes` that disagrees with
-    the checkpoint is an error; `model_kwargs` (e.g. `depthwise_impl`) go to the constructor."""
+    the checkpoint is an error; `model_kwargs` (e.g. `ops`) go to the constructor."""
     config = read_model_config(directory)
     if width is not None and check_width(width) != config["width"]:
         raise ValueError(

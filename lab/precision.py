@@ -1,6 +1,6 @@
 """How far each op's low-precision results and gradients are from float64 on the same values.
 
-    python -m shufflenet_jax.precision [--dtype bfloat16] [--batch 8] [--only NAME] [--json OUT]
+    python -m lab.precision [--dtype bfloat16] [--batch 8] [--only NAME] [--json OUT]
 
 Inputs, weights and the output cotangent are rounded to the low precision once; the float64
 reference sees exactly those values, so what differs is the op's own low-precision arithmetic.
@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lab import variants
 from shufflenet_jax import ops
-from shufflenet_jax.layers import BatchNorm
+from shufflenet_jax.model.layers import BatchNorm
 
 Array = jax.Array
 
@@ -85,20 +86,20 @@ def _op_cases(batch: int) -> dict[str, tuple[Callable, Callable, list[tuple]]]:
     stem, a 1x1 conv of stage 2 and conv5, BatchNorm after the stem, the max-pool, the head."""
     n = batch
     cases = {}
-    for name, impl in ops.DEPTHWISE_IMPLS.items():
+    for name, impl in variants.DEPTHWISE.items():
         for h, c, s in ((28, 58, 1), (56, 24, 2)):
             cases[f"depthwise_{name}_{h}x{h}x{c}_s{s}"] = (
                 lambda x, k, impl=impl, s=s: impl(x, k, s),
                 lambda x, k, s=s: ops.depthwise_lax(x, k, s),
                 [((n, h, h, c), 1.0), ((3, 3, 1, c), 1 / 3)],
             )
-    for name, impl in ops.DENSE_IMPLS.items():
+    for name, impl in variants.DENSE.items():
         cases[f"stem_{name}_224x224x3"] = (
             lambda x, k, impl=impl: impl(x, k, 2),
             lambda x, k: ops.conv_lax(x, k, 2),
             [((n // 2 or 1, 224, 224, 3), 1.0), ((3, 3, 3, 24), 1 / 5)],
         )
-    for name, impl in ops.POINTWISE_IMPLS.items():
+    for name, impl in variants.POINTWISE.items():
         for h, cin, cout in ((28, 116, 58), (7, 464, 1024)):
             cases[f"pointwise_{name}_{h}x{h}x{cin}to{cout}"] = (
                 impl,

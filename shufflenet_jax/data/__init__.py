@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders and their preparation) and the grain input pipeline."""

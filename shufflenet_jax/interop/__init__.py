@@ -1,0 +1,2 @@
+"""torchvision interoperability: weight conversion, stage-wise comparison, the model
+checkpoint format."""

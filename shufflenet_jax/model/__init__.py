@@ -1,0 +1,31 @@
+"""The network: leaf layers, ShuffleNet V2 itself, BatchNorm folding, and the layer summary."""
+
+from shufflenet_jax.model.folded import fold_batchnorm
+from shufflenet_jax.model.layers import Ops
+from shufflenet_jax.model.network import (
+    STAGE_NAMES,
+    ShuffleNetV2,
+    ShuffleUnit,
+    abstract_model,
+    check_width,
+    shufflenet_v2_x0_5,
+    shufflenet_v2_x1_0,
+    shufflenet_v2_x1_5,
+    shufflenet_v2_x2_0,
+    with_values,
+)
+
+__all__ = [
+    "STAGE_NAMES",
+    "Ops",
+    "ShuffleNetV2",
+    "ShuffleUnit",
+    "abstract_model",
+    "check_width",
+    "fold_batchnorm",
+    "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0",
+    "shufflenet_v2_x1_5",
+    "shufflenet_v2_x2_0",
+    "with_values",
+]

@@ -1,0 +1,47 @@
+"""Array functions behind the layers, on NHWC arrays; each picks its backend inside (XLA
+everywhere, the C++ kernels of `native` on the CPU where they apply, `platform`). In bfloat16
+or float16 every sum accumulates in float32 and rounds once (`accumulation_dtype`)."""
+
+from shufflenet_jax.ops.common import accumulation_dtype
+from shufflenet_jax.ops.conv import (
+    conv_im2col,
+    conv_lax,
+    conv_native,
+    conv_taps,
+    depthwise_lax,
+    depthwise_native,
+    depthwise_shifted,
+    pointwise_dot,
+    pointwise_einsum,
+    pointwise_lax,
+)
+from shufflenet_jax.ops.fused import fused_stage, fused_stem_pool
+from shufflenet_jax.ops.norm import batch_norm_train
+from shufflenet_jax.ops.pool import global_average_pool, max_pool_3x3_s2
+from shufflenet_jax.ops.shuffle import (
+    channel_shuffle,
+    channel_shuffle_gather,
+    channel_shuffle_stack,
+)
+
+__all__ = [
+    "accumulation_dtype",
+    "batch_norm_train",
+    "channel_shuffle",
+    "channel_shuffle_gather",
+    "channel_shuffle_stack",
+    "conv_im2col",
+    "conv_lax",
+    "conv_native",
+    "conv_taps",
+    "depthwise_lax",
+    "depthwise_native",
+    "depthwise_shifted",
+    "fused_stage",
+    "fused_stem_pool",
+    "global_average_pool",
+    "max_pool_3x3_s2",
+    "pointwise_dot",
+    "pointwise_einsum",
+    "pointwise_lax",
+]

@@ -1,0 +1,1 @@
+"""Training: state, the one step module, optimizer, mesh, checkpoints, hooks and the loop."""
