@@ -14,7 +14,8 @@ from ml_collections import config_flags
 
 from shufflenet_jax import evaluation
 from shufflenet_jax.data import pipeline as input_pipeline
-from shufflenet_jax.process import setup_process
+from shufflenet_jax.process import one_line_errors, parse_flags, setup_process
+from shufflenet_jax.train.checkpoints import CheckpointError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The model and data config.", lock_config=False)
@@ -47,12 +48,13 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     config = FLAGS.config
-    try:
+    with one_line_errors(ValueError, OSError, CheckpointError):
         models = evaluation.load_models(
             config,
             workdir=FLAGS.workdir,
             checkpoint_dir=FLAGS.checkpoint,
             torch_weights=FLAGS.torch_weights,
+            report=print,
         )
         if FLAGS.image:
             names = evaluation.imagenet_class_names() if config.model.num_classes == 1000 else None
@@ -79,8 +81,6 @@ def main(argv):
             print(f"{config.data.dataset}/{split.split}")
             print(_table(results))
             failed = False
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -89,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

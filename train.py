@@ -14,8 +14,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from shufflenet_jax.process import setup_process
+from shufflenet_jax.process import one_line_errors, parse_flags, setup_process
+from shufflenet_jax.train.checkpoints import CheckpointError
 from shufflenet_jax.train.loop import train_and_evaluate
+from shufflenet_jax.train.workdir import WorkdirError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -40,10 +42,9 @@ def main(argv):
         print(line)
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
+    errors = (ValueError, FloatingPointError, OSError, CheckpointError, WorkdirError)
+    with one_line_errors(*errors):
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}") from None
     step = int(result.state.step)
     if jax.process_index() == 0:
         if result.eval_metrics is not None:
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

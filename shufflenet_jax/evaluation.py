@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,18 +45,22 @@ def load_models(
     workdir: str | os.PathLike | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     torch_weights: str | os.PathLike | None = None,
+    report: Callable[[str], None] = lambda line: None,
 ) -> dict[str, ShuffleNetV2]:
-    """The model(s) to evaluate from exactly one source: {"model": ..., "ema": ...(if any)}."""
+    """The model(s) to evaluate from exactly one source: {"model": ..., "ema": ...(if any)};
+    `report` gets a line saying what was loaded (for a workdir: which checkpoint step)."""
     given = [x for x in (workdir, checkpoint_dir, torch_weights) if x is not None]
     if len(given) != 1:
         raise ValueError("give exactly one of --workdir, --checkpoint, --torch_weights")
     if checkpoint_dir is not None:
         model = checkpoint.restore_model(checkpoint_dir)
         _check_model(model, config, str(checkpoint_dir))
+        report(f"weights: the model checkpoint {checkpoint_dir}")
         return {"model": model}
     if torch_weights is not None:
         model = convert.load_torchvision(str(torch_weights))
         _check_model(model, config, str(torch_weights))
+        report(f"weights: the torchvision file {torch_weights}")
         return {"model": model}
     weights = checkpoints.latest_weights(config, workdir)
     if weights is None:
@@ -64,6 +69,8 @@ def load_models(
     models = {"model": nnx.merge(graphdef, weights["params"], weights["batch_stats"])}
     if "ema_params" in weights:
         models["ema"] = nnx.merge(graphdef, weights["ema_params"], weights["batch_stats"])
+    step = int(weights["step"])
+    report(f"weights: step {step} of {Path(workdir) / 'checkpoints'} ({', '.join(models)})")
     return models
 
 

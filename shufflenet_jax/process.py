@@ -10,14 +10,19 @@ mmap off and no trimming, makes the next step reuse the same pages.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.metadata
 import importlib.util
+import logging
 import os
+import sys
+import traceback
+from collections.abc import Iterator
 
 import jax
-from absl import flags
+from absl import app, flags
 
 # glibc's <malloc.h> parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -63,8 +68,9 @@ def setup_process(
 
     On the CPU backend: `reuse_freed_host_memory`. With `coordinator_address`:
     `jax.distributed.initialize` (CPU collectives over gloo). Marks absl's flags parsed for
-    grain's worker processes when the program did not parse them. Then builds or loads the C++
-    kernels if the CPU is the default backend, so that tracing does not run the compiler.
+    grain's worker processes when the program did not parse them, and keeps TensorStore's late
+    callbacks after a failed checkpoint read or write out of the output. Then builds or loads
+    the C++ kernels if the CPU is the default backend, so that tracing does not run g++.
     """
     lines = [_setup_malloc()]
     if coordinator_address:
@@ -73,11 +79,57 @@ def setup_process(
         lines.append(f"distributed: process {process_id} of {num_processes}")
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+    _quiet_closed_event_loop_callbacks()
     if cpu_is_default_backend():
         from shufflenet_jax.ops import native
 
         lines.append(f"C++ kernels: {native.status()}")
     return lines
+
+
+def _quiet_closed_event_loop_callbacks() -> None:
+    """Drops two kinds of report, from `sys.excepthook` and `sys.unraisablehook`, that follow a
+    failed checkpoint read or write: TensorStore's I/O callbacks arriving after orbax closed
+    their event loop, and orbax's sibling coroutines collected with the same error (the failure
+    itself is reported once, as one line; thousands of these would bury it)."""
+    previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def closed_loop(kind: type, value: BaseException) -> bool:
+        return kind is RuntimeError and str(value) == "Event loop is closed"
+
+    def hook(kind, value, tb):
+        if not closed_loop(kind, value):
+            previous(kind, value, tb)
+
+    def orbax_leftover(report) -> bool:  # a failed read's sibling coroutines, collected
+        code = getattr(report.object, "cr_code", None)
+        return code is not None and "/orbax/" in code.co_filename
+
+    def unraisable(report):
+        if not (closed_loop(report.exc_type, report.exc_value) or orbax_leftover(report)):
+            previous_unraisable(report)
+
+    sys.excepthook, sys.unraisablehook = hook, unraisable
+    logging.getLogger("absl").addFilter(_one_line_orbax_errors)
+    logging.getLogger("asyncio").addFilter(_no_orbax_leftover_tasks)
+
+
+def _no_orbax_leftover_tasks(record: logging.LogRecord) -> bool:
+    """asyncio reports each failed write's task again when it is collected unretrieved."""
+    if "never retrieved" not in str(record.msg):
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return not ("/orbax/" in record.getMessage() or any("/orbax/" in f.filename for f in frames))
+
+
+def _one_line_orbax_errors(record: logging.LogRecord) -> bool:
+    """orbax logs each failed background write with its traceback, several times over; keep
+    the first line of each such message and drop the traceback."""
+    if "/orbax/" in record.pathname and record.levelno >= logging.ERROR and record.exc_info:
+        record.msg, record.args = record.getMessage().splitlines()[0][:300], None
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _setup_malloc() -> str:
@@ -86,3 +138,31 @@ def _setup_malloc() -> str:
     if reuse_freed_host_memory():
         return "host malloc: freed memory kept for reuse (XLA:CPU's step buffers)"
     return "host malloc: defaults (the C library is not glibc)"
+
+
+TRACEBACK_ENV = "SHUFFLENET_JAX_TRACEBACK"  # set to 1 for full tracebacks instead of one line
+
+
+@contextlib.contextmanager
+def one_line_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """The errors of `kinds` raised in the block end the program with "error: MESSAGE" on one
+    line and exit status 1 (a traceback only when $SHUFFLENET_JAX_TRACEBACK is set)."""
+    try:
+        yield
+    except kinds as e:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        raise SystemExit(f"error: {e}") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `app.run(..., flags_parser=parse_flags)`, with a bad config
+    override (a field the config does not have, a value of the wrong type) as one line."""
+    with one_line_errors(ValueError, TypeError):
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError) as e:
+            raise ValueError(
+                f"the config has no field {str(e).strip(chr(34))} (overrides are "
+                "--config.SECTION.FIELD=VALUE; sections: model, data, optim, train)"
+            ) from e

@@ -284,3 +284,33 @@ def test_a_checkpoint_of_another_width_is_refused_with_the_keys_named(torch_x0_5
 def test_a_different_class_count_is_refused(torch_x0_5):
     with pytest.raises(WeightMismatchError, match="10 classes, but num_classes=1000"):
         load_torchvision(torch_x0_5, num_classes=1000)
+
+
+def test_unreadable_weight_files_are_one_line_errors_naming_the_file(torch_x0_5, tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(torch_x0_5.state_dict(), good)
+    (tmp_path / "truncated.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "folder.pth").mkdir()
+    for name, reason in [
+        ("truncated.pth", "cannot read .*truncated.pth as a torch weights file"),
+        ("empty.pth", "cannot read .*empty.pth as a torch weights file"),
+        ("folder.pth", "folder.pth is not a file"),
+    ]:
+        with pytest.raises(ValueError, match=reason) as e:
+            load_torchvision(tmp_path / name)
+        assert "\n" not in str(e.value)
+
+
+def test_a_value_that_is_not_a_tensor_is_named_by_its_key(torch_x0_5):
+    sd = dict(torch_x0_5.state_dict())
+    sd["conv5.1.running_mean"] = "not numbers"
+    with pytest.raises(WeightMismatchError, match=r"'conv5\.1\.running_mean' holds a str"):
+        load_torchvision(sd)
+
+
+def test_weights_with_non_finite_values_are_refused_naming_the_leaf(torch_x0_5):
+    sd = {k: v.clone() for k, v in torch_x0_5.state_dict().items()}
+    sd["stage3.1.branch2.5.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values at stage3\.layers\.1\.branch2"):
+        load_torchvision(sd)

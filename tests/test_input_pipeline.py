@@ -307,3 +307,10 @@ def test_fake_batches_are_made_on_the_devices_with_the_requested_sharding():
     assert batch["image"].shape == (16, 32, 32, 3) and batch["label"].shape == (16,)
     assert batch["image"].sharding == sharding and len(batch["image"].addressable_shards) == 8
     assert int(batch["label"].min()) >= 0 and int(batch["label"].max()) < 10
+
+
+def test_an_undecodable_image_names_its_reason_not_a_buffer_object():
+    with pytest.raises(ip.CorruptImageError) as e:
+        ip.decode_image(b"not an image", "cats/1.jpg")
+    message = str(e.value)
+    assert "cats/1.jpg" in message and "(12 bytes)" in message and "BytesIO" not in message

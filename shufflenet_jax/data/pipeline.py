@@ -14,6 +14,7 @@ import io
 import itertools
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -87,7 +88,8 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(f"cannot decode the image of {name}: {e}") from e
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", f"({len(data)} bytes)", str(e))
+        raise CorruptImageError(f"cannot decode the image of {name}: {reason}") from e
 
 
 def to_unit(image: Image.Image) -> np.ndarray:

@@ -86,14 +86,20 @@ def load_torch_state_dict(source: Any) -> dict[str, np.ndarray]:
     import torch
 
     if isinstance(source, str | os.PathLike):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is not a file (a torchvision .pth state_dict is expected)")
         try:
             obj = torch.load(source, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             reason = str(e).strip().splitlines()[0]
             raise ValueError(
-                f"refusing to load {os.fspath(source)}: it is not a plain weights file and "
+                f"refusing to load {path}: it is not a plain weights file and "
                 f"unpickling it would run code ({reason})"
             ) from e
+        except (EOFError, RuntimeError, OSError) as e:  # empty, truncated or not a torch file
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"cannot read {path} as a torch weights file: {reason}") from e
     elif isinstance(source, torch.nn.Module):
         obj = source.state_dict()
     else:
@@ -109,7 +115,12 @@ def load_torch_state_dict(source: Any) -> dict[str, np.ndarray]:
             continue
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().float().numpy()
-        out[key] = np.asarray(value, np.float32)
+        try:
+            out[key] = np.asarray(value, np.float32)
+        except (TypeError, ValueError) as e:
+            raise WeightMismatchError(
+                f"{key!r} holds a {type(value).__name__}, not a tensor of numbers"
+            ) from e
     return out
 
 

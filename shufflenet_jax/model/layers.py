@@ -112,9 +112,11 @@ class BatchNorm(nnx.Module):
             xf = x.astype(ops.accumulation_dtype(x.dtype))
             inv = jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
             return ((xf - self.mean[...]) * inv + self.bias[...]).astype(x.dtype)
+        n = x.shape[0] * x.shape[1] * x.shape[2]
+        if n == 0:  # its statistics would be NaN and spoil the running ones
+            raise ValueError(f"BatchNorm in training mode got an empty batch of shape {x.shape}")
         y, mean, var = ops.batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
         mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
-        n = x.shape[0] * x.shape[1] * x.shape[2]
         stored_var = var * (n / max(n - 1, 1)) if self.unbiased_running_var else var
         m = self.momentum
         self.mean[...] = m * self.mean[...] + (1 - m) * mean

@@ -11,6 +11,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from shufflenet_jax import ops
@@ -286,7 +287,12 @@ def abstract_model(width: float | str = 1.0, num_classes: int = 1000, **kwargs) 
 
 
 def with_values(abstract: ShuffleNetV2, values: dict) -> ShuffleNetV2:
-    """A concrete copy of `abstract` holding `values`, a pure dict as `nnx.to_pure_dict` makes."""
+    """A concrete copy of `abstract` holding `values`, a pure dict as `nnx.to_pure_dict` makes;
+    a value that is not finite is an error naming its leaf (weights that could never predict)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(values):
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            name = ".".join(str(getattr(k, "key", k)) for k in path)
+            raise ValueError(f"the weights hold non-finite values at {name}")
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, values))
     return nnx.merge(graphdef, state)

@@ -3,6 +3,8 @@ state with its data position, and restoring the newest one that reads back clean
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -53,39 +56,116 @@ def _check_same_model(meta: dict[str, Any], config: Any, directory: Path) -> Non
         )
 
 
+class CheckpointError(RuntimeError):
+    """A save was refused or failed, or a checkpoint does not match what was saved."""
+
+
+def digests(tree: Any) -> dict[str, str]:
+    """The SHA-256 of every array's bytes, by its path in `tree` (a TrainState's as a dict of its
+    fields; replicated arrays: the first local copy), as a checkpoint records them."""
+    return {
+        name: hashlib.sha256(_local(leaf).tobytes()).hexdigest() for name, leaf in _leaves(tree)
+    }
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+    if isinstance(tree, TrainState):
+        tree = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _local(leaf: Any) -> np.ndarray:
+    local = leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf
+    return np.ascontiguousarray(np.asarray(local))
+
+
+def verify(tree: Any, recorded: dict[str, str] | None) -> None:
+    """An error naming the first array whose digest differs from the recorded one (None: a
+    checkpoint from before digests were recorded), or that is not finite."""
+    ours = digests(tree)
+    for name, leaf in _leaves(tree):
+        if recorded is not None and ours[name] != recorded.get(name):
+            raise CheckpointError(f"array {name} does not match its recorded digest")
+        if not np.all(np.isfinite(_local(leaf))):
+            raise CheckpointError(f"array {name} holds non-finite values")
+
+
 def save(
     manager: ocp.CheckpointManager, step: int, state: TrainState, config: Any, data_iter: Any
 ) -> None:
-    """Starts saving `state` and the data iterator's position as checkpoint `step`."""
-    meta = {**model_description(config), "step": step, "dataset": config.data.dataset}
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(meta),
-            data=grain.checkpoint.CheckpointSave(data_iter),
-        ),
+    """Starts saving `state`, its digests and the data iterator's position as checkpoint `step`;
+    an error if orbax refuses (a step at or after it exists)."""
+    meta = {
+        **model_description(config),
+        "step": step,
+        "dataset": config.data.dataset,
+        "digests": digests(state),
+    }
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(meta),
+        data=grain.checkpoint.CheckpointSave(data_iter),
     )
+    try:  # orbax writes in the background, and re-raises an earlier save's error here
+        saved = manager.save(step, args=args)
+    except Exception as e:  # noqa: BLE001  (whatever the write raised)
+        raise CheckpointError(f"saving in {manager.directory} failed: {_reason(e)}") from e
+    if not saved:
+        raise CheckpointError(
+            f"orbax refused to save step {step} in {manager.directory} (its newest step is "
+            f"{manager.latest_step()}); nothing was written"
+        )
+
+
+def check_saves(manager: ocp.CheckpointManager, wait: bool = False) -> None:
+    """Raises a one-line CheckpointError if a background save has failed (with `wait`, after
+    waiting for the running one)."""
+    try:
+        if wait:
+            manager.wait_until_finished()
+        manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001  (orbax re-raises whatever the write raised)
+        raise CheckpointError(f"saving in {manager.directory} failed: {_reason(e)}") from e
+
+
+def _reason(e: BaseException) -> str:
+    """The error's first line, its middle elided past 300 characters (an OS error comes last)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    if len(first) > 300:
+        first = f"{first[:150]} ... {first[-150:]}"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
+    """Moves an unusable step to DIR/corrupt/STEP (never deleted), so that saves go on from an
+    older step (orbax refuses steps older than the newest directory)."""
+    directory = Path(manager.directory)
+    target, n = directory / "corrupt" / str(step), 1
+    while target.exists():
+        target, n = directory / "corrupt" / f"{step}.{n}", n + 1
+    if jax.process_index() == 0:
+        target.parent.mkdir(exist_ok=True)
+        os.replace(directory / str(step), target)
+    log.warning(
+        "checkpoint %d in %s is unusable (%s); moved to %s", step, directory, reason, target
+    )
+    manager.reload()
 
 
 def _newest_first(manager: ocp.CheckpointManager, config: Any, restore_step):
-    """restore_step(step) for the newest step whose checkpoint restores and is of this model;
-    older ones after a warning naming what failed; None if none does."""
+    """restore_step(step) for the newest step whose checkpoint restores, is of this model and
+    matches its digests; unusable ones are moved aside with a warning; None if none is left."""
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             _check_same_model(meta["meta"], config, Path(manager.directory))
-            return restore_step(step)
+            restored = restore_step(step)
+            verify(restored, meta["meta"].get("digests"))
+            return restored
         except ForeignCheckpointError:
             raise
         except Exception as e:  # noqa: BLE001  (a truncated file raises many kinds)
-            log.warning(
-                "checkpoint %d in %s is unusable (%s: %s); trying an older one",
-                step,
-                manager.directory,
-                type(e).__name__,
-                e,
-            )
+            _move_aside(manager, step, _reason(e))
     return None
 
 

@@ -93,6 +93,14 @@ class MetricsLog:
             self._tb.close()
 
 
+def check_cadences(config: Any) -> None:
+    """An error naming the first cadence of `config.train` that is not a positive step count."""
+    for name in ("log_every", "eval_every", "checkpoint_every", "total_steps"):
+        value = config.train[name]
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.train.{name} must be a positive number of steps, got {value}")
+
+
 def every(n: int) -> Callable[[int, bool], bool]:
     """A cadence: due at multiples of `n` and at the last step."""
     return lambda step, last: step % n == 0 or last
@@ -100,10 +108,13 @@ def every(n: int) -> Callable[[int, bool], bool]:
 
 class LossCheck:
     """Raises FloatingPointError at the first non-finite loss, checked whenever `due` (before
-    anything logs, evaluates or saves), so no non-finite state is written."""
+    anything logs, evaluates or saves), so no non-finite state is written; the error says which
+    checkpoint is the last good one (`latest_step()`), if any."""
 
-    def __init__(self, due: Callable[[int, bool], bool], checkpoint_dir: Path) -> None:
-        self.due, self.checkpoint_dir = due, checkpoint_dir
+    def __init__(
+        self, due: Callable[[int, bool], bool], checkpoint_dir: Path, latest_step: Callable
+    ) -> None:
+        self.due, self.checkpoint_dir, self.latest_step = due, checkpoint_dir, latest_step
         self.pending: list[tuple[int, jax.Array]] = []
 
     def __call__(self, step: int, state: TrainState, metrics: dict, last: bool) -> None:
@@ -114,10 +125,13 @@ class LossCheck:
         for at, loss in pending:
             value = float(loss)
             if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"non-finite training loss {value} at step {at}; the last good checkpoint "
-                    f"in {self.checkpoint_dir} is kept"
+                good = self.latest_step()
+                kept = (
+                    f"the last good checkpoint, step {good} in {self.checkpoint_dir}, is kept"
+                    if good is not None
+                    else "no checkpoint had been written"
                 )
+                raise FloatingPointError(f"non-finite training loss {value} at step {at}; {kept}")
 
     def close(self) -> None:
         pass
@@ -202,11 +216,13 @@ class Evaluate:
             f"loss {result['loss']:.4f} ({result['examples']} examples)",
         )
         model = nnx.merge(self.graphdef, state.params, state.batch_stats)
-        self.best.save(
+        saved = self.best.save(
             step,
             args=checkpoint.model_save_args(model, source=f"training step {step}"),
             metrics={"top1": result["top1"]},
         )
+        if not saved:  # a resumed run re-evaluating a step that best/ already has
+            log.warning("best/ already holds step %d or later: this evaluation is not saved", step)
         self.metrics = result
 
     def close(self) -> None:
@@ -215,15 +231,19 @@ class Evaluate:
 
 
 class Checkpoint:
-    """Saves the state and the data position every `checkpoint_every` steps and at the last."""
+    """Saves the state and the data position every `checkpoint_every` steps and at the last;
+    a background save that failed is an error at the next step."""
 
     def __init__(self, config: Any, manager: Any, data_iter: Any) -> None:
         self.config, self.manager, self.data_iter = config, manager, data_iter
 
     def __call__(self, step: int, state: TrainState, metrics: dict, last: bool) -> None:
+        checkpoints.check_saves(self.manager)
         if every(self.config.train.checkpoint_every)(step, last):
             checkpoints.save(self.manager, step, state, self.config, self.data_iter)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            checkpoints.check_saves(self.manager, wait=True)
+        finally:
+            self.manager.close()

@@ -8,6 +8,7 @@ cross-device reductions). The same code runs on one device, on many, and across 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,6 +20,7 @@ import jax
 
 from shufflenet_jax.data import configured
 from shufflenet_jax.train import checkpoints, hooks, parallel, step
+from shufflenet_jax.train import workdir as workdir_lib
 from shufflenet_jax.train.state import TrainState, create_model, create_train_state
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,19 @@ def train_and_evaluate(
 
     `stop_after` ends this call after that many total steps (saving a checkpoint), as a
     preemption would; `train_batches` replaces the dataset's stream (per-process batches).
+    The config's cadences and the workdir are checked before anything compiles; process 0
+    holds the workdir's lock for the run.
     """
-    workdir, t = Path(workdir), config.train
-    workdir.mkdir(parents=True, exist_ok=True)
+    hooks.check_cadences(config)
+    workdir = Path(workdir)
+    created = workdir_lib.prepare(workdir)
+    lock = workdir_lib.locked(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock, workdir_lib.removed_if_left_empty(workdir, created):
+        return _train(config, workdir, stop_after, train_batches)
+
+
+def _train(config: Any, workdir: Path, stop_after: int | None, train_batches) -> Result:
+    t = config.train
     mesh = parallel.make_mesh(t.num_devices)
     data, replicated = parallel.data_sharding(mesh), parallel.replicated(mesh)
     local_batch = parallel.check_batch(t.batch_size, mesh)
@@ -77,7 +89,7 @@ def train_and_evaluate(
         return last or evaluator.due(n) or any(n % c == 0 for c in cadences)
 
     loop_hooks = [
-        hooks.LossCheck(checked, workdir / "checkpoints"),
+        hooks.LossCheck(checked, workdir / "checkpoints", latest.latest_step),
         hooks.ProgressLog(config, metrics_log, len(train_split)),
         evaluator,
         hooks.Checkpoint(config, latest, data_iter),
@@ -94,10 +106,11 @@ def train_and_evaluate(
                 for hook in loop_hooks:
                     hook(n, state, metrics, last=n == end or stopped)
                 if stopped:
-                    log.warning("stopping at step %d after a signal; checkpoint saved", n)
                     break
     finally:
-        for hook in loop_hooks:
-            hook.close()
-        metrics_log.close()
+        with contextlib.ExitStack() as closing:  # each closes even if another's close fails
+            for closable in (metrics_log, *loop_hooks):
+                closing.callback(closable.close)
+    if stopped:  # the hooks have closed: the save has completed
+        log.warning("stopped at step %d after a signal; checkpoint %d saved", n, n)
     return Result(state, evaluator.metrics, stopped)

@@ -32,7 +32,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch(global_batch: int, mesh: Mesh, what: str = "batch_size") -> int:
     """This process's share of `global_batch`; an error unless it splits evenly over devices."""
     devices, processes = mesh.devices.size, jax.process_count()
-    if global_batch <= 0 or global_batch % devices:
+    if global_batch <= 0:
+        raise ValueError(f"{what} must be a positive number of images, got {global_batch}")
+    if global_batch % devices:
         raise ValueError(
             f"{what}={global_batch} is not divisible by the {devices} devices of the mesh; "
             f"use a multiple of {devices}"
