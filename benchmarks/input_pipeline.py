@@ -1,17 +1,22 @@
 """Images/second of the input pipeline on ImageNet-sized JPEGs (docs/input_pipeline.md).
 
     python benchmarks/input_pipeline.py [--images 1024] [--batch 64] [--repeats 3] [--json OUT]
+        [--feed 10000]
 
 Writes `--images` photo-like JPEGs (500x375, quality 90, about ImageNet's median size and
-compression) into a temporary image folder, prepares it with the `image_folder` builder, then
-reads the train stream (random-resized crop 224, flip, color jitter 0.4, normalize) and the eval
-stream (resize 256, center crop 224) for several reader settings: worker processes x threads.
-Each setting: a warm-up batch, then `--repeats` timed passes of `--batches` batches; the median.
+compression) into a temporary image folder and prepares it with the `image_folder` builder.
+Then, single-threaded: full decode only, and the host's train transform (decode at the size
+the crop needs, random-resized crop 224, flip, uint8 out; colour jitter and normalization run
+on the device). Then the train stream (grain) and the eval stream (resize 256, center crop 224,
+normalized float32) for reader settings of worker processes x threads; and the host-to-device
+copy of one batch as uint8 and as float32. Each: a warm-up, then `--repeats` timed passes; the
+median. Last, the cores the train stream needs to feed `--feed` images/s at the one-core rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -25,8 +30,9 @@ from PIL import Image
 
 from shufflenet_jax.data import pipeline as ip
 from shufflenet_jax.data import prepare
+from shufflenet_jax.process import setup_process
 
-SETTINGS = [(0, 0), (0, 4), (0, 16), (2, 0), (2, 4)]  # (worker processes, read threads)
+SETTINGS = [(0, 0), (0, 4), (1, 0), (2, 0), (2, 4)]  # (worker processes, read threads)
 
 
 def write_jpegs(root: Path, count: int, seed: int = 0) -> float:
@@ -59,21 +65,73 @@ def images_per_second(make_iter, batch: int, batches: int, repeats: int) -> floa
     return batch * batches / statistics.median(times)
 
 
+def single_thread_rates(split: ip.Split, count: int, repeats: int) -> dict[str, float]:
+    """images/s of decode alone and of the host train transform, in this thread."""
+    transform = ip.TrainTransform(image_size=224)
+    records = [split.source[i]["image"] for i in range(min(count, len(split)))]
+    rng = np.random.default_rng(0)
+
+    def decode():
+        for data in records:
+            ip.decode_image(data, "x")
+
+    def host_transform():
+        for data in records:
+            with Image.open(io.BytesIO(data)) as image:
+                transform(image, rng)
+
+    rates = {}
+    for name, fn in (("decode_only", decode), ("host_transform", host_transform)):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        rates[name] = len(records) / statistics.median(times)
+    return rates
+
+
+def copy_ms(batch: int, repeats: int) -> dict[str, float]:
+    """Milliseconds to put one (batch, 224, 224, 3) batch on the default device."""
+    import jax
+
+    out = {}
+    for dtype in (np.uint8, np.float32):
+        x = np.zeros((batch, 224, 224, 3), dtype)
+        jax.device_put(x).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.device_put(x).block_until_ready()
+            times.append(time.perf_counter() - start)
+        out[np.dtype(dtype).name] = 1e3 * statistics.median(times)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--feed", type=float, default=10000.0, help="images/s to feed (estimate)")
     p.add_argument("--json")
     args = p.parse_args()
+    for line in setup_process():
+        print(line)
 
     with tempfile.TemporaryDirectory() as tmp:
         root, data_dir = Path(tmp) / "images", Path(tmp) / "tfds"
         kb = write_jpegs(root, args.images)
         prepare.prepare("image_folder", data_dir=str(data_dir), manual_dir=str(root))
         split = ip.load_split("image_folder", "train", str(data_dir))
-        train_tf = ip.TrainTransform(image_size=224, color_jitter=0.4)
+        single = single_thread_rates(split, 256, args.repeats)
+        print(
+            f"one thread: decode only {single['decode_only']:7.1f} img/s, host train transform "
+            f"{single['host_transform']:7.1f} img/s",
+            flush=True,
+        )
+        train_tf = ip.TrainTransform(image_size=224)
         eval_tf = ip.EvalTransform(image_size=224, resize_size=256)
         rows = []
         for workers, threads in SETTINGS:
@@ -98,12 +156,28 @@ def main() -> None:
                 flush=True,
             )
 
+    copies = copy_ms(args.batch, args.repeats)
+    print(
+        f"host-to-device copy of one batch: uint8 {copies['uint8']:.2f} ms, float32 "
+        f"{copies['float32']:.2f} ms",
+        flush=True,
+    )
+    one_core = next(r["train_img_s"] for r in rows if (r["workers"], r["threads"]) == (0, 0))
+    cores = args.feed / one_core
+    print(
+        f"train stream on one core: {one_core:.1f} img/s; {args.feed:.0f} img/s needs about "
+        f"{cores:.0f} cores",
+        flush=True,
+    )
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "images": args.images,
         "mean_jpeg_kb": kb,
         "batch": args.batch,
+        "single_thread": single,
         "rows": rows,
+        "copy_ms": copies,
+        "cores_for_feed": {"feed_img_s": args.feed, "cores": cores},
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -16,6 +16,7 @@ from flax import nnx
 
 from shufflenet_jax.data import configured
 from shufflenet_jax.data import pipeline as input_pipeline
+from shufflenet_jax.data.augment import make_augment
 from shufflenet_jax.interop import checkpoint, convert
 from shufflenet_jax.model.layers import BatchNorm
 from shufflenet_jax.model.network import ShuffleNetV2, abstract_model
@@ -166,9 +167,12 @@ def recalibrate_models(
     """`recalibrate_batchnorm` of each model over the config's (augmented) training stream."""
     split = configured.load_split(config, config.data.train_split)
     batch = config.train.batch_size // jax.process_count()
+    augment = jax.jit(make_augment(config.train.seed, config.data.color_jitter))
+
+    def stream():
+        for n, b in enumerate(configured.train_dataset(config, split, batch)):
+            yield {"image": augment(n, b["image"])}
+
     return {
-        name: recalibrate_batchnorm(
-            model, iter(configured.train_dataset(config, split, batch)), num_batches
-        )
-        for name, model in models.items()
+        name: recalibrate_batchnorm(model, stream(), num_batches) for name, model in models.items()
     }

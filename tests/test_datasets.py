@@ -152,3 +152,38 @@ def test_prepare_refuses_unknown_dataset_and_image_folder_without_root(tmp_path)
         prepare.prepare("imagenet2013", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="image_folder needs --manual_dir ROOT"):
         prepare.prepare("image_folder", data_dir=str(tmp_path))
+
+
+def test_image_folder_names_a_corrupt_file_at_preparation_or_skips_it(folder, tmp_path):
+    """Before: a corrupt file was packed and failed training hours later."""
+    root, _ = folder
+    broken = root / "train" / "dog" / "broken.jpg"
+    broken.write_bytes(jpeg_bytes(1)[:40])
+    try:
+        with pytest.raises(ValueError, match=r"train/dog/broken\.jpg is not a readable image"):
+            prepare.prepare("image_folder", data_dir=str(tmp_path / "a"), manual_dir=str(root))
+        prepare.prepare("image_folder", str(tmp_path / "b"), str(root), skip_corrupt=True)
+        train = records(load_split("image_folder", "train", str(tmp_path / "b")))
+        assert len(train) == 9 and "dog/broken.jpg" not in train
+    finally:
+        broken.unlink()
+
+
+def test_image_folder_can_store_train_images_smaller_and_never_resizes_validation(tmp_path):
+    root = tmp_path / "images"
+    for split in ("train", "validation"):
+        (root / split / "a").mkdir(parents=True)
+        pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / split / "a" / "big.jpg", quality=90)
+    prepare.prepare("image_folder", str(tmp_path / "tfds"), str(root), train_short_side=120)
+    sizes = {
+        split: Image.open(
+            io.BytesIO(
+                records(load_split("image_folder", split, str(tmp_path / "tfds")))["a/big.jpg"][
+                    "image"
+                ]
+            )
+        ).size
+        for split in ("train", "validation")
+    }
+    assert sizes == {"train": (160, 120), "validation": (400, 300)}

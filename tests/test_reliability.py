@@ -304,3 +304,20 @@ def test_eval_py_says_which_checkpoint_step_it_evaluated(digits_data_dir, tmp_pa
     assert out.returncode == 0, out.stderr
     assert f"weights: step 3 of {tmp_path / 'checkpoints'}" in out.stdout
     assert json.loads((tmp_path / "e.json").read_text())["model"]["examples"] == 359
+
+
+def test_a_checkpoint_written_before_digests_were_recorded_still_resumes(
+    digits_data_dir, tmp_path, caplog
+):
+    """Checkpoints from before the redesign have the same state layout and no digests."""
+    config = small_config(digits_data_dir, total_steps=4, checkpoint_every=2)
+    train_and_evaluate(config, tmp_path, stop_after=2)
+    meta_file = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["digests"]
+    meta_file.write_text(json.dumps(meta))
+    caplog.set_level(logging.WARNING)
+    result = train_and_evaluate(config, tmp_path)
+    assert not unusable_warnings(caplog)
+    assert any("resumed from step 2" in r.getMessage() for r in caplog.records)
+    assert int(result.state.step) == 4

@@ -18,7 +18,7 @@ from flax import nnx
 from configs import digits as digits_config
 from configs import imagenet as imagenet_config
 from configs import imagenet_cosine
-from shufflenet_jax.data import configured
+from shufflenet_jax.data import augment, configured
 from shufflenet_jax.data import pipeline as input_pipeline
 from shufflenet_jax.interop import checkpoint
 from shufflenet_jax.model.layers import Conv2d
@@ -275,7 +275,7 @@ def test_one_and_eight_devices_agree_over_several_float64_steps(digits_data_dir)
             )
             state, trace = jax.device_put(state, rep), []
             for b in batches:
-                image = b["image"].astype(np.float64)
+                image = np.asarray(augment.make_augment(0)(0, b["image"]), np.float64)
                 state, metrics = train_step(
                     state, parallel.to_global({"image": image, "label": b["label"]}, data)
                 )

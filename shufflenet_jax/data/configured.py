@@ -25,9 +25,7 @@ def load_split(config: Any, split: str) -> pipeline.Split:
 def train_transform(config: Any) -> pipeline.TrainTransform:
     """The config's training augmentation."""
     d = config.data
-    return pipeline.TrainTransform(
-        image_size=d.image_size, scale=tuple(d.crop_scale), flip=d.flip, color_jitter=d.color_jitter
-    )
+    return pipeline.TrainTransform(image_size=d.image_size, scale=tuple(d.crop_scale), flip=d.flip)
 
 
 def train_dataset(config: Any, split: pipeline.Split, batch_size: int) -> grain.IterDataset:

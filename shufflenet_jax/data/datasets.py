@@ -1,13 +1,15 @@
 """TFDS builders of this package: scikit-learn's digits and a user's folder of images.
 
-Importing this module registers them with TFDS as `digits` and `image_folder`. Both store the
-encoded image bytes as they are (PNG for digits, the user's files unchanged) and need no
-TensorFlow to prepare or to read. Every record has `image`, `label` and `file_name`.
+Importing this module registers them with TFDS as `digits` and `image_folder`. Both store
+encoded image bytes (PNG for digits; the user's files, checked, optionally resized for the
+train split) and need no TensorFlow to prepare or to read. Every record has `image`, `label`
+and `file_name`.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -92,16 +96,32 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
 
     Every subdirectory of `root` is a split; the class names are the sorted subdirectories of
     `root/train` (or of the first split when there is no `train`), and every other split may only
-    use those. Files are stored unchanged; `file_name` is `<class>/<file>`. Prepare one folder
-    per `data_dir`.
+    use those. `file_name` is `<class>/<file>`. Prepare one folder per `data_dir`.
+
+    Every image is decoded once while packing: one that does not decode is an error naming its
+    file, or with `skip_corrupt` is left out, and the names are logged with their count. Files
+    are stored unchanged, except that with `train_short_side` N the train split's images whose
+    shorter side exceeds N are stored resized to it (antialiased) as JPEG quality 90; other
+    splits are never resized. (`check_images=False` packs files unchecked: the tests use it to
+    make a split with a corrupt record, as data prepared elsewhere may have.)
     """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = "manual_dir is the root holding <split>/<class>/<image files>."
 
-    def __init__(self, *, root: str | os.PathLike | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        root: str | os.PathLike | None = None,
+        skip_corrupt: bool = False,
+        train_short_side: int | None = None,
+        check_images: bool = True,
+        **kwargs: Any,
+    ):
         self._image_root = Path(root) if root is not None else None
+        self._skip_corrupt, self._train_short_side = skip_corrupt, train_short_side
+        self._check_images = check_images
         super().__init__(**kwargs)
 
     def _root(self) -> Path:
@@ -146,6 +166,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, split_dir: Path, names: list[str]) -> Iterator[tuple[str, dict]]:
+        short_side = self._train_short_side if split_dir.name == "train" else None
+        skipped = []
         for label, cls in enumerate(names):
             class_dir = split_dir / cls
             if not class_dir.is_dir():
@@ -153,4 +175,38 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
             for f in sorted(class_dir.iterdir()):
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
                     key = f"{cls}/{f.name}"
-                    yield key, {"image": f.read_bytes(), "label": label, "file_name": key}
+                    try:
+                        data = f.read_bytes()
+                        if self._check_images:
+                            data = _checked(data, f, short_side)
+                    except ValueError:
+                        if not self._skip_corrupt:
+                            raise
+                        skipped.append(key)
+                        continue
+                    yield key, {"image": data, "label": label, "file_name": key}
+        if skipped:
+            log.warning(
+                "image folder split %s: skipped %d images that do not decode: %s",
+                split_dir.name,
+                len(skipped),
+                ", ".join(skipped),
+            )
+
+
+def _checked(data: bytes, path: Path, short_side: int | None) -> bytes:
+    """`data` after decoding it fully (a ValueError naming `path` if it does not decode),
+    re-encoded with its shorter side at `short_side` if it is longer."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} is not a readable image ({e.__class__.__name__}: {e})") from e
+    if short_side is None or min(rgb.size) <= short_side:
+        return data
+    w, h = rgb.size
+    scale = short_side / min(w, h)
+    resized = rgb.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    out = io.BytesIO()
+    resized.save(out, "JPEG", quality=90)
+    return out.getvalue()

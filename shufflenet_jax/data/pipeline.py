@@ -9,6 +9,7 @@ padded with `mask == False` entries, never dropped or duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -27,10 +28,7 @@ from absl import flags
 from PIL import Image
 
 from shufflenet_jax.data import datasets as _registers_builders  # noqa: F401  (digits, image_folder)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # torchvision's rgb_to_grayscale
+from shufflenet_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +80,23 @@ def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
     return Split(dataset, split, source, label.num_classes, tuple(label.names))
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """The image as RGB, fully decoded; `CorruptImageError` naming `name` if that fails."""
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def _decoding(data: bytes, name: str) -> Iterator[None]:
+    """Turns a decoding failure in the block into a `CorruptImageError` naming `name`."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        yield
+    except _DECODE_ERRORS as e:
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", f"({len(data)} bytes)", str(e))
         raise CorruptImageError(f"cannot decode the image of {name}: {reason}") from e
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """The image as RGB, fully decoded; `CorruptImageError` naming `name` if that fails."""
+    with _decoding(data, name), Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
 
 
 def to_unit(image: Image.Image) -> np.ndarray:
@@ -151,45 +158,29 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def color_jitter(x: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Brightness, contrast and saturation, each by a factor in [1-s, 1+s], in random order."""
-    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
-    for op in rng.permutation(3):
-        f = np.float32(rng.uniform(lo, hi))
-        if op == 0:
-            x = x * f
-        elif op == 1:
-            m = np.float32((x @ GRAY_WEIGHTS).mean())
-            x = (x - m) * f + m
-        else:
-            g = (x @ GRAY_WEIGHTS)[..., None]
-            x = (x - g) * f + g
-        x = np.clip(x, 0.0, 1.0)
-    return x
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
-    """Random-resized crop to `image_size`, horizontal flip, optional color jitter, normalize."""
+    """The host's share of training augmentation: random-resized crop to `image_size` and
+    horizontal flip, uint8 HWC out (colour jitter and normalization run on the device:
+    `augment.make_augment`). A JPEG is decoded only at the size the crop needs (DCT scaling)."""
 
     image_size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
-    color_jitter: float = 0.0
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        left, top, w, h = random_resized_crop_box(*image.size, self.scale, self.ratio, rng)
+        """`image` as opened (a JPEG not yet decoded, so that it can be drafted smaller)."""
+        width, height = image.size
+        left, top, w, h = random_resized_crop_box(width, height, self.scale, self.ratio, rng)
+        k = self.image_size / min(w, h)  # the scale at which the crop is still image_size
+        if image.format == "JPEG" and k < 1:
+            image.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
+        sx, sy = image.size[0] / width, image.size[1] / height
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         size = (self.image_size, self.image_size)
-        image = image.resize(size, Image.BILINEAR, box=(left, top, left + w, top + h))
-        x = to_unit(image)
-        if self.flip and rng.random() < 0.5:
-            x = x[:, ::-1]
-        if self.color_jitter:
-            x = color_jitter(x, self.color_jitter, rng)
-        return standardize(x, self.mean, self.std)
+        x = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR, box=box))
+        return x[:, ::-1] if self.flip and rng.random() < 0.5 else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,15 +220,16 @@ class _TrainElement:
 
     def __call__(self, item: tuple[int, dict[str, Any]], rng: np.random.Generator):
         index, record = item
-        name = self.split.record_name(index, record)
+        name, data = self.split.record_name(index, record), record["image"]
         try:
-            image = decode_image(record["image"], name)
+            with _decoding(data, name), Image.open(io.BytesIO(data)) as image:
+                crop = self.transform(image, rng)
         except CorruptImageError as e:
             if not self.skip_corrupt:
                 raise
             _skipped(name, e, self._count)
             return None
-        return {"image": self.transform(image, rng), "label": np.int32(record["label"])}
+        return {"image": crop, "label": np.int32(record["label"])}
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_count"}
@@ -330,7 +322,8 @@ def train_dataset(
     worker_count: int = 0,
     read_threads: int = 16,
 ) -> grain.IterDataset:
-    """Endless per-process batches {"image": (B, S, S, 3) float32, "label": (B,) int32}.
+    """Endless per-process batches {"image": (B, S, S, 3) uint8, "label": (B,) int32}: the
+    crops before colour jitter and normalization, which the train step does on the device.
 
     `batch_size` is this process's share of the global batch. Records are read and transformed
     by `read_threads` threads (0: in the consuming thread) in each of `worker_count` processes

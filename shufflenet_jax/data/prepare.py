@@ -26,14 +26,17 @@ TF_HINT = (
 
 
 def make_builder(
-    name: str, data_dir: str | None = None, manual_dir: str | None = None
+    name: str, data_dir: str | None = None, manual_dir: str | None = None, **folder: Any
 ) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for `name`, writing array_record files into `data_dir`."""
+    """The TFDS builder for `name`, writing array_record files into `data_dir`; `folder`
+    options (`skip_corrupt`, `train_short_side`) go to the image_folder builder."""
     kwargs: dict[str, Any] = {"data_dir": data_dir, "file_format": "array_record"}
     if name == "image_folder":
         if manual_dir is None:
             raise ValueError("image_folder needs --manual_dir ROOT (ROOT/<split>/<class>/<image>)")
-        return datasets.ImageFolder(root=manual_dir, **kwargs)
+        return datasets.ImageFolder(root=manual_dir, **folder, **kwargs)
+    if any(folder.values()):
+        raise ValueError(f"--skip_corrupt and --train_short_side apply to image_folder, not {name}")
     try:
         return tfds.builder(name, **kwargs)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -41,10 +44,10 @@ def make_builder(
 
 
 def prepare(
-    name: str, data_dir: str | None = None, manual_dir: str | None = None
+    name: str, data_dir: str | None = None, manual_dir: str | None = None, **folder: Any
 ) -> tfds.core.DatasetBuilder:
     """Generate `name` with a progress display unless already prepared; returns the builder."""
-    builder = make_builder(name, data_dir, manual_dir)
+    builder = make_builder(name, data_dir, manual_dir, **folder)
     config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(manual_dir) if manual_dir else None
     )
@@ -73,9 +76,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("dataset", help="digits, image_folder, imagenet2012, or any TFDS name")
     p.add_argument("--manual_dir", help="downloaded archives (imagenet2012) or the image root")
     p.add_argument("--data_dir", help="where prepared datasets live (TFDS default if omitted)")
+    p.add_argument(
+        "--skip_corrupt",
+        action="store_true",
+        help="image_folder: leave out images that do not decode (named in the log) instead of "
+        "stopping at the first",
+    )
+    p.add_argument(
+        "--train_short_side",
+        type=int,
+        help="image_folder: store train images whose shorter side is longer resized to this "
+        "(JPEG q90); the other splits are never resized (default: stored as they are)",
+    )
     args = p.parse_args(argv)
+    folder = {"skip_corrupt": args.skip_corrupt, "train_short_side": args.train_short_side}
     try:
-        builder = prepare(args.dataset, args.data_dir, args.manual_dir)
+        builder = prepare(args.dataset, args.data_dir, args.manual_dir, **folder)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
     print(describe(builder))

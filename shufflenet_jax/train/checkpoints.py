@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +130,14 @@ def check_saves(manager: ocp.CheckpointManager, wait: bool = False) -> None:
 
 
 def _reason(e: BaseException) -> str:
-    """The error's first line, its middle elided past 300 characters (an OS error comes last)."""
+    """The error's first line, cut at 250 characters, and the OS error TensorStore names by its
+    number somewhere in a long message."""
     first = (str(e).strip().splitlines() or [""])[0]
-    if len(first) > 300:
-        first = f"{first[:150]} ... {first[-150:]}"
+    if len(first) > 250:
+        first = first[:250] + " ..."
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+        first += f" [OS error {code[1]}: {os.strerror(int(code[1]))}]"
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 

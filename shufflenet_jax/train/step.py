@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from shufflenet_jax.data.augment import make_augment
 from shufflenet_jax.model.network import ShuffleNetV2
 from shufflenet_jax.ops import accumulation_dtype
 from shufflenet_jax.train.parallel import data_sharding, replicated, to_global
@@ -85,6 +86,7 @@ def make_train_step(
     dtype: Any = jnp.float32,
     label_smoothing: float = 0.0,
     ema_decay: float = 0.0,
+    augment: Callable[[Array, Array], Array] | None = None,
     mesh: Mesh | None = None,
     compiler_options: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
@@ -93,16 +95,21 @@ def make_train_step(
     Smoothed cross-entropy on integer labels in `dtype` (parameters and BatchNorm statistics
     stay float32, logits are float32 for bfloat16), BatchNorm in training mode, the optimizer
     update and, with `ema_decay` > 0, the EMA of the weights; metrics are the loss and top-1.
+    uint8 images go through `augment(step, images)` first (`data.augment.make_augment`).
     The state is donated. With `mesh` the batch is split over its `data` axis and the state
     replicated. `compiler_options` default to `train_compiler_options()`.
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        images = batch["image"]
+        if augment is not None and images.dtype == jnp.uint8:
+            images = augment(state.step, images)
+
         def loss_fn(params, batch_stats):
             compute = jax.tree.map(lambda p: p.astype(dtype), params)
             model = nnx.merge(graphdef, compute, batch_stats, copy=True)
             model.train()
-            logits = model(batch["image"].astype(dtype)).astype(accumulation_dtype(dtype))
+            logits = model(images.astype(dtype)).astype(accumulation_dtype(dtype))
             targets = jax.nn.one_hot(batch["label"], logits.shape[-1])
             targets = optax.smooth_labels(targets, label_smoothing)
             loss = optax.softmax_cross_entropy(logits, targets).mean()
@@ -133,7 +140,8 @@ def make_train_step(
 def train_step_for(
     config: Any, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh: Mesh
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """`make_train_step` with the config's compute dtype, label smoothing and EMA: train.py's."""
+    """`make_train_step` with the config's compute dtype, label smoothing, EMA and device-side
+    augmentation: train.py's."""
     o = config.optim
     return make_train_step(
         graphdef,
@@ -141,6 +149,7 @@ def train_step_for(
         dtype=compute_dtype(config),
         label_smoothing=o.label_smoothing,
         ema_decay=o.ema_decay,
+        augment=make_augment(config.train.seed, config.data.color_jitter),
         mesh=mesh,
     )
 
