@@ -418,3 +418,42 @@ def test_digits_quickstart_learns_well_above_chance(digits_data_dir, tmp_path, m
     assert result.eval_metrics["top1"] >= 0.5  # chance is 0.1
     assert [p.name for p in (tmp_path / "runs/digits/best").iterdir()] == ["300"]
     assert (tmp_path / "runs/digits/checkpoints/300").is_dir()
+
+
+def test_device_prefetch_keeps_order_and_saves_the_position_of_the_batch_handed_out():
+    mesh = parallel.make_mesh(1)
+    source = iter([{"x": np.full((2,), i, np.int32)} for i in range(6)])
+    consumed = []
+
+    def get_state():
+        return {"taken": len(consumed)}
+
+    def batches():
+        for b in source:
+            consumed.append(int(b["x"][0]))
+            yield b
+
+    feed = parallel.DevicePrefetch(batches(), parallel.data_sharding(mesh), 2, get_state)
+    try:
+        for want in range(3):
+            assert int(next(feed)["x"][0]) == want
+        time.sleep(0.5)  # the thread runs ahead by the ring's size
+        assert len(consumed) > 3
+        assert json.loads(feed.position.get_state()) == {"taken": 3}
+        assert [int(b["x"][0]) for b in feed] == [3, 4, 5]
+    finally:
+        feed.close()
+
+
+def test_device_prefetch_raises_the_readers_error_in_the_loop():
+    def batches():
+        yield {"x": np.zeros(2, np.int32)}
+        raise ValueError("record 7 is corrupt")
+
+    feed = parallel.DevicePrefetch(batches(), parallel.data_sharding(parallel.make_mesh(1)), 2)
+    try:
+        next(feed)
+        with pytest.raises(ValueError, match="record 7 is corrupt"):
+            next(feed)
+    finally:
+        feed.close()

@@ -88,19 +88,20 @@ def _train(config: Any, workdir: Path, stop_after: int | None, train_batches) ->
         cadences = (t.log_every, t.checkpoint_every, t.eval_every)
         return last or evaluator.due(n) or any(n % c == 0 for c in cadences)
 
+    batches = data_iter if train_batches is None else train_batches
+    feed = parallel.DevicePrefetch(batches, data, config.data.prefetch_batches, data_iter.get_state)
     loop_hooks = [
         hooks.LossCheck(checked, workdir / "checkpoints", latest.latest_step),
         hooks.ProgressLog(config, metrics_log, len(train_split)),
         evaluator,
-        hooks.Checkpoint(config, latest, data_iter),
+        hooks.Checkpoint(config, latest, feed.position),
     ]
-    batches = data_iter if train_batches is None else train_batches
     end = t.total_steps if stop_after is None else min(stop_after, t.total_steps)
     n, stopped = int(state.step), False
     try:
         with hooks.StopRequest() as stop:
             while n < end:
-                state, metrics = train_step(state, parallel.to_global(next(batches), data))
+                state, metrics = train_step(state, next(feed))
                 n += 1
                 stopped = stop.requested(in_flight=metrics)
                 for hook in loop_hooks:
@@ -109,7 +110,7 @@ def _train(config: Any, workdir: Path, stop_after: int | None, train_batches) ->
                     break
     finally:
         with contextlib.ExitStack() as closing:  # each closes even if another's close fails
-            for closable in (metrics_log, *loop_hooks):
+            for closable in (feed, metrics_log, *loop_hooks):
                 closing.callback(closable.close)
     if stopped:  # the hooks have closed: the save has completed
         log.warning("stopped at step %d after a signal; checkpoint %d saved", n, n)
