@@ -32,7 +32,6 @@ CATALOGS = {
     "shuffle": SHUFFLE,
     "fused": FUSED,
 }
-DEFAULTS = {"dense": "native", "depthwise": "native", "pointwise": "dot", "shuffle": "transpose"}
 
 
 def named_ops(**names: str) -> Ops:

@@ -9,7 +9,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grain
@@ -24,7 +23,7 @@ from shufflenet_jax.interop import checkpoint
 from shufflenet_jax.train import checkpoints, workdir
 from shufflenet_jax.train.loop import train_and_evaluate
 
-from .test_training import ROOT, losses, run_train, small_config
+from .test_training import ROOT, losses, run_train, small_config, start_training
 
 
 def step_dirs(directory):
@@ -112,19 +111,7 @@ def test_a_refused_save_is_an_error_not_a_silent_skip(tmp_path, digits_data_dir)
 def test_a_second_writer_on_a_workdir_is_refused_naming_the_holder(digits_data_dir, tmp_path):
     """Before: two runs on one workdir crashed one of them at its first save, or both 'finished'
     while overwriting each other's checkpoints and interleaving metrics.jsonl."""
-    first = run_train(
-        tmp_path,
-        digits_data_dir,
-        "--config.train.total_steps=100000",
-        "--config.train.checkpoint_every=100000",
-        "--config.train.num_devices=1",
-    )
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert first.poll() is None, first.stdout.read()
-        assert time.time() < deadline, "training did not start"
-        time.sleep(0.5)
+    first = start_training(tmp_path, digits_data_dir)
     second = run_train(tmp_path, digits_data_dir, "--config.train.num_devices=1")
     out, _ = second.communicate(timeout=240)
     assert second.returncode == 1, out

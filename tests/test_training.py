@@ -87,20 +87,26 @@ def run_train(workdir, data_dir, *extra, env=None, **kwargs):
     )
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
+def start_training(workdir, data_dir):
+    """train.py on a run too long to end by itself, once it has logged two steps."""
     proc = run_train(
-        tmp_path,
-        digits_data_dir,
+        workdir,
+        data_dir,
         "--config.train.total_steps=100000",
         "--config.train.checkpoint_every=100000",
         "--config.train.num_devices=1",
     )
-    metrics = tmp_path / "metrics.jsonl"
+    metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "training did not start"
         time.sleep(0.5)
+    return proc
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
+    proc = start_training(tmp_path, digits_data_dir)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out

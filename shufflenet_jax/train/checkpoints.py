@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,30 +65,28 @@ class CheckpointError(RuntimeError):
 def digests(tree: Any) -> dict[str, str]:
     """The SHA-256 of every array's bytes, by its path in `tree` (a TrainState's as a dict of its
     fields; replicated arrays: the first local copy), as a checkpoint records them."""
-    return {
-        name: hashlib.sha256(_local(leaf).tobytes()).hexdigest() for name, leaf in _leaves(tree)
-    }
+    return {name: _sha256(data) for name, data in _host_arrays(tree)}
 
 
-def _leaves(tree: Any) -> list[tuple[str, Any]]:
+def _host_arrays(tree: Any) -> Iterator[tuple[str, np.ndarray]]:
     if isinstance(tree, TrainState):
         tree = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
-    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        local = leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf
+        yield jax.tree_util.keystr(path), np.ascontiguousarray(np.asarray(local))
 
 
-def _local(leaf: Any) -> np.ndarray:
-    local = leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf
-    return np.ascontiguousarray(np.asarray(local))
+def _sha256(data: np.ndarray) -> str:
+    return hashlib.sha256(data.tobytes()).hexdigest()
 
 
 def verify(tree: Any, recorded: dict[str, str] | None) -> None:
     """An error naming the first array whose digest differs from the recorded one (None: a
     checkpoint from before digests were recorded), or that is not finite."""
-    ours = digests(tree)
-    for name, leaf in _leaves(tree):
-        if recorded is not None and ours[name] != recorded.get(name):
+    for name, data in _host_arrays(tree):  # each array copied to the host once
+        if recorded is not None and _sha256(data) != recorded.get(name):
             raise CheckpointError(f"array {name} does not match its recorded digest")
-        if not np.all(np.isfinite(_local(leaf))):
+        if not np.all(np.isfinite(data)):
             raise CheckpointError(f"array {name} holds non-finite values")
 
 

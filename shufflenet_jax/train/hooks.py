@@ -101,9 +101,9 @@ def check_cadences(config: Any) -> None:
             raise ValueError(f"config.train.{name} must be a positive number of steps, got {value}")
 
 
-def every(n: int) -> Callable[[int, bool], bool]:
-    """A cadence: due at multiples of `n` and at the last step."""
-    return lambda step, last: step % n == 0 or last
+def due(step: int, every: int, last: bool) -> bool:
+    """Whether a cadence of `every` steps is due: at its multiples and at the last step."""
+    return step % every == 0 or last
 
 
 class LossCheck:
@@ -154,7 +154,7 @@ class ProgressLog:
     def __call__(self, step: int, state: TrainState, metrics: dict, last: bool) -> None:
         self.window_steps += 1
         t = self.config.train
-        if not every(t.log_every)(step, last):
+        if not due(step, t.log_every, last):
             return
         elapsed = time.perf_counter() - self.window_start
         ips = self.window_steps * t.batch_size / max(elapsed, 1e-9)
@@ -239,7 +239,7 @@ class Checkpoint:
 
     def __call__(self, step: int, state: TrainState, metrics: dict, last: bool) -> None:
         checkpoints.check_saves(self.manager)
-        if every(self.config.train.checkpoint_every)(step, last):
+        if due(step, self.config.train.checkpoint_every, last):
             checkpoints.save(self.manager, step, state, self.config, self.data_iter)
 
     def close(self) -> None:
