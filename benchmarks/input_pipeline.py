@@ -1,16 +1,18 @@
 """Images/second of the input pipeline on ImageNet-sized JPEGs (docs/input_pipeline.md).
 
     python benchmarks/input_pipeline.py [--images 1024] [--batch 64] [--repeats 3] [--json OUT]
-        [--feed 10000]
+        [--feed 10000] [--short_side 320]
+    python benchmarks/input_pipeline.py --copy-only [--batch 256]   (on an accelerator)
 
 Writes `--images` photo-like JPEGs (500x375, quality 90, about ImageNet's median size and
-compression) into a temporary image folder and prepares it with the `image_folder` builder.
-Then, single-threaded: full decode only, and the host's train transform (decode at the size
-the crop needs, random-resized crop 224, flip, uint8 out; colour jitter and normalization run
-on the device). Then the train stream (grain) and the eval stream (resize 256, center crop 224,
-normalized float32) for reader settings of worker processes x threads; and the host-to-device
-copy of one batch as uint8 and as float32. Each: a warm-up, then `--repeats` timed passes; the
-median. Last, the cores the train stream needs to feed `--feed` images/s at the one-core rate.
+compression) into a temporary image folder and prepares it twice with the `image_folder`
+builder: as they are, and pre-resized (`--train_short_side`, shorter side `--short_side`).
+For each, single-threaded: full decode only, and the host's train transform (decode at the
+size the crop needs, random-resized crop 224, flip, uint8 out; colour jitter and normalization
+run on the device). Then the train stream (grain) and the eval stream (resize 256, center crop
+224, uint8) for reader settings of worker processes x threads. Last, the host-to-device copy
+of one batch as uint8 and as float32, and the cores the train stream needs to feed `--feed`
+images/s at the one-core rate. Each: a warm-up, then `--repeats` timed passes; the median.
 """
 
 from __future__ import annotations
@@ -91,21 +93,71 @@ def single_thread_rates(split: ip.Split, count: int, repeats: int) -> dict[str, 
     return rates
 
 
-def copy_ms(batch: int, repeats: int) -> dict[str, float]:
-    """Milliseconds to put one (batch, 224, 224, 3) batch on the default device."""
+def copy_ms(batch: int, repeats: int) -> dict:
+    """Milliseconds to put one (batch, 224, 224, 3) batch on the default device, by dtype.
+    A fresh host array each time: XLA:CPU may alias an aligned float32 array, not copy it."""
     import jax
 
-    out = {}
+    device = jax.devices()[0]
+    out: dict = {"device": device.device_kind}
     for dtype in (np.uint8, np.float32):
-        x = np.zeros((batch, 224, 224, 3), dtype)
-        jax.device_put(x).block_until_ready()
+        arrays = [np.full((batch, 224, 224, 3), i, dtype) for i in range(repeats + 1)]
+        jax.device_put(arrays[0], device).block_until_ready()
         times = []
-        for _ in range(repeats):
+        for x in arrays[1:]:
             start = time.perf_counter()
-            jax.device_put(x).block_until_ready()
+            jax.device_put(x, device).block_until_ready()
             times.append(time.perf_counter() - start)
         out[np.dtype(dtype).name] = 1e3 * statistics.median(times)
     return out
+
+
+def stream_rates(split: ip.Split, batch: int, batches: int, repeats: int) -> list[dict]:
+    """Train and eval stream images/s of `split` for each (worker processes, read threads)."""
+    train_tf = ip.TrainTransform(image_size=224)
+    eval_tf = ip.EvalTransform(image_size=224, resize_size=256)
+    rows = []
+    for workers, threads in SETTINGS:
+        common = {"batch_size": batch, "worker_count": workers, "read_threads": threads}
+        train = images_per_second(
+            lambda c=common: iter(ip.train_dataset(split, transform=train_tf, seed=0, **c)),
+            batch,
+            batches,
+            repeats,
+        )
+
+        def endless_eval(c=common):
+            while True:
+                yield from ip.eval_dataset(split, transform=eval_tf, **c)
+
+        evaluation = images_per_second(endless_eval, batch, batches, repeats)
+        rows.append(
+            {"workers": workers, "threads": threads, "train_img_s": train, "eval_img_s": evaluation}
+        )
+        print(
+            f"  workers {workers} threads {threads:2d}: train {train:7.1f} img/s, "
+            f"eval {evaluation:7.1f} img/s",
+            flush=True,
+        )
+    return rows
+
+
+def measure(root: Path, data_dir: Path, args, **folder) -> dict:
+    """Prepares `root` into `data_dir` (image_folder options `folder`) and measures it."""
+    builder = prepare.prepare("image_folder", str(data_dir), str(root), **folder)
+    split = ip.load_split("image_folder", "train", str(data_dir))
+    files = list(Path(builder.data_dir).glob("*.array_record*"))
+    kb = sum(f.stat().st_size for f in files) / len(split) / 1024
+    single = single_thread_rates(split, 256, args.repeats)
+    print(
+        f"{folder or 'as written'} ({kb:.1f} KB per record): one thread: decode only "
+        f"{single['decode_only']:7.1f} img/s, host train transform "
+        f"{single['host_transform']:7.1f} img/s",
+        flush=True,
+    )
+    rows = stream_rates(split, args.batch, args.batches, args.repeats)
+    one_core = next(r["train_img_s"] for r in rows if (r["workers"], r["threads"]) == (0, 0))
+    return {"record_kb": kb, "single_thread": single, "rows": rows, "one_core_train": one_core}
 
 
 def main() -> None:
@@ -115,70 +167,38 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--feed", type=float, default=10000.0, help="images/s to feed (estimate)")
+    p.add_argument("--short_side", type=int, default=320, help="of the pre-resized copy")
+    p.add_argument("--copy-only", action="store_true", help="only the host-to-device copies")
     p.add_argument("--json")
     args = p.parse_args()
     for line in setup_process():
         print(line)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root, data_dir = Path(tmp) / "images", Path(tmp) / "tfds"
-        kb = write_jpegs(root, args.images)
-        prepare.prepare("image_folder", data_dir=str(data_dir), manual_dir=str(root))
-        split = ip.load_split("image_folder", "train", str(data_dir))
-        single = single_thread_rates(split, 256, args.repeats)
+    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
+    if not args.copy_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "images"
+            result["mean_jpeg_kb"] = write_jpegs(root, args.images)
+            result["original"] = measure(root, Path(tmp) / "tfds", args)
+            result["pre_resized"] = measure(
+                root, Path(tmp) / "tfds_small", args, train_short_side=args.short_side
+            )
+            result["pre_resized"]["short_side"] = args.short_side
+        one_core = result["original"]["one_core_train"]
+        small = result["pre_resized"]["one_core_train"]
+        cores = args.feed / one_core
         print(
-            f"one thread: decode only {single['decode_only']:7.1f} img/s, host train transform "
-            f"{single['host_transform']:7.1f} img/s",
+            f"train stream on one core: {one_core:.1f} img/s ({small:.1f} pre-resized); "
+            f"{args.feed:.0f} img/s needs about {cores:.0f} cores",
             flush=True,
         )
-        train_tf = ip.TrainTransform(image_size=224)
-        eval_tf = ip.EvalTransform(image_size=224, resize_size=256)
-        rows = []
-        for workers, threads in SETTINGS:
-            common = {"batch_size": args.batch, "worker_count": workers, "read_threads": threads}
-            train = images_per_second(
-                lambda c=common: iter(ip.train_dataset(split, transform=train_tf, seed=0, **c)),
-                args.batch,
-                args.batches,
-                args.repeats,
-            )
-
-            def endless_eval(c=common):
-                while True:
-                    yield from ip.eval_dataset(split, transform=eval_tf, **c)
-
-            evaluation = images_per_second(endless_eval, args.batch, args.batches, args.repeats)
-            rows.append({"workers": workers, "threads": threads, "train_img_s": train})
-            rows[-1]["eval_img_s"] = evaluation
-            print(
-                f"workers {workers} threads {threads:2d}: train {train:7.1f} img/s, "
-                f"eval {evaluation:7.1f} img/s",
-                flush=True,
-            )
-
-    copies = copy_ms(args.batch, args.repeats)
+        result["cores_for_feed"] = {"feed_img_s": args.feed, "cores": cores}
+    result["batch"] = args.batch
+    result["copy_ms"] = copy_ms(args.batch, args.repeats)
     print(
-        f"host-to-device copy of one batch: uint8 {copies['uint8']:.2f} ms, float32 "
-        f"{copies['float32']:.2f} ms",
+        f"host-to-device copy of one batch of {args.batch} on {result['copy_ms']['device']}: uint8 "
+        f"{result['copy_ms']['uint8']:.2f} ms, float32 {result['copy_ms']['float32']:.2f} ms",
         flush=True,
     )
-    one_core = next(r["train_img_s"] for r in rows if (r["workers"], r["threads"]) == (0, 0))
-    cores = args.feed / one_core
-    print(
-        f"train stream on one core: {one_core:.1f} img/s; {args.feed:.0f} img/s needs about "
-        f"{cores:.0f} cores",
-        flush=True,
-    )
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "images": args.images,
-        "mean_jpeg_kb": kb,
-        "batch": args.batch,
-        "single_thread": single,
-        "rows": rows,
-        "copy_ms": copies,
-        "cores_for_feed": {"feed_img_s": args.feed, "cores": cores},
-    }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

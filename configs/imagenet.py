@@ -37,6 +37,7 @@ def get_config(width: str = "1.0") -> ml_collections.ConfigDict:
     c.data.skip_corrupt = False
     c.data.worker_count = 8
     c.data.read_threads = 16
+    c.data.read_buffer_batches = 4  # decoded ahead per worker (uint8: 154 MB per batch at 1024)
     c.data.prefetch_batches = 2  # on the devices ahead of the step (uint8: 154 MB each at 1024)
 
     c.optim = ml_collections.ConfigDict()

@@ -102,7 +102,10 @@ def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_
     transform = input_pipeline.EvalTransform(config.data.image_size, config.data.eval_resize)
     for batch in input_pipeline.eval_dataset(split, batch_size=64, transform=transform):
         with torch.no_grad():
-            logits = reference(torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)).numpy()
+            images = input_pipeline.standardize(
+                input_pipeline.to_unit(batch["image"]), transform.mean, transform.std
+            )
+            logits = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
         expected[batch["index"][batch["mask"]]] = logits.argmax(-1)[batch["mask"]]
     labels = np.array([split.source[i]["label"] for i in range(len(split))])
 

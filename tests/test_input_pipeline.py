@@ -123,15 +123,28 @@ def test_eval_labels_belong_to_their_records(test_split):
 
 
 def test_same_seed_gives_the_same_batches_and_another_seed_differs(train_split):
-    def stream(seed, threads=16):
+    def stream(seed, threads=16, buffer=4):
         ds = ip.train_dataset(
-            train_split, batch_size=32, transform=TRAIN, seed=seed, read_threads=threads
+            train_split,
+            batch_size=32,
+            transform=TRAIN,
+            seed=seed,
+            read_threads=threads,
+            read_buffer_batches=buffer,
         )
         return take(iter(ds), 3)
 
     a, b, c = stream(0), stream(0, threads=0), stream(1)
     assert_same_batches(a, b)
+    assert_same_batches(a, stream(0, threads=2, buffer=1))  # the read buffer changes no batch
     assert not np.array_equal(a[0]["label"], c[0]["label"])
+
+
+def test_a_read_buffer_below_one_batch_is_an_error_naming_it(train_split, test_split):
+    with pytest.raises(ValueError, match="read_buffer_batches must be at least 1, got 0"):
+        ip.train_dataset(train_split, batch_size=8, transform=TRAIN, seed=0, read_buffer_batches=0)
+    with pytest.raises(ValueError, match="read_buffer_batches"):
+        ip.eval_dataset(test_split, batch_size=8, transform=EVAL, read_buffer_batches=-1)
 
 
 def test_restored_iterator_continues_with_the_next_batch(train_split):
@@ -188,10 +201,23 @@ def test_train_and_eval_batches_have_documented_shapes_dtypes_and_ranges(train_s
     assert train["label"].shape == (8,) and train["label"].dtype == np.int32
     assert np.all((train["label"] >= 0) & (train["label"] < 10))
     evaluation = next(iter(ip.eval_dataset(test_split, batch_size=8, transform=EVAL)))
-    assert evaluation["image"].shape == (8, 16, 16, 3) and evaluation["image"].dtype == np.float32
+    assert evaluation["image"].shape == (8, 16, 16, 3) and evaluation["image"].dtype == np.uint8
     assert evaluation["mask"].dtype == np.bool_ and evaluation["index"].dtype == np.int64
     assert evaluation["label"].dtype == np.int32
-    assert np.all(evaluation["image"] >= LOW - 1e-6) and np.all(evaluation["image"] <= HIGH + 1e-6)
+
+
+def test_eval_crops_normalized_on_the_device_equal_the_host_eval_transform(test_split):
+    """The eval stream sends uint8 crops; the eval step's normalization of them must give what
+    `EvalTransform` (torchvision's, tested above) gives on the host. Bound: 1e-6, as there."""
+    from shufflenet_jax.data import augment
+
+    batch = next(iter(ip.eval_dataset(test_split, batch_size=8, transform=EVAL)))
+    device = np.asarray(jax.jit(augment.standardize)(batch["image"]))
+    host = np.stack(
+        [EVAL(ip.decode_image(test_split.source[int(i)]["image"], "x")) for i in batch["index"]]
+    )
+    np.testing.assert_allclose(device, host, rtol=0, atol=1e-6)
+    assert np.all(device >= LOW - 1e-6) and np.all(device <= HIGH + 1e-6)
 
 
 def test_random_resized_crop_box_respects_bounds_scale_and_ratio():

@@ -52,9 +52,21 @@ def color_jitter(x: Array, order: Array, factors: Array) -> Array:
     return x
 
 
+def to_unit(images: Array) -> Array:
+    """uint8 -> float32 in [0, 1], as torchvision's ToTensor."""
+    return images.astype(jnp.float32) / jnp.float32(255)
+
+
 def normalize(unit: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
     """(x - mean) / std per channel of float32 images in [0, 1], as torchvision's Normalize."""
     return (unit - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def standardize(
+    images: Array, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Array:
+    """uint8 images -> normalized float32: evaluation's preprocessing after the center crop."""
+    return normalize(to_unit(images), mean, std)
 
 
 def make_augment(
@@ -67,7 +79,7 @@ def make_augment(
     `strength` (0: none) by per-image keys from (seed, step, index in the batch)."""
 
     def augment(step: Array, images: Array) -> Array:
-        unit = images.astype(jnp.float32) / jnp.float32(255)  # torchvision's ToTensor
+        unit = to_unit(images)
         if strength:
             keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), step), len(unit))
             jitter = lambda k, x: color_jitter(x, *jitter_params(k, strength))  # noqa: E731

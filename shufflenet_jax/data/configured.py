@@ -41,6 +41,7 @@ def train_dataset(config: Any, split: pipeline.Split, batch_size: int) -> grain.
         skip_corrupt=d.skip_corrupt,
         worker_count=d.worker_count,
         read_threads=d.read_threads,
+        read_buffer_batches=d.read_buffer_batches,
     )
 
 
@@ -56,4 +57,5 @@ def eval_dataset(config: Any, split: pipeline.Split, batch_size: int) -> grain.I
         skip_corrupt=d.skip_corrupt,
         worker_count=d.worker_count,
         read_threads=d.read_threads,
+        read_buffer_batches=d.read_buffer_batches,
     )

@@ -99,7 +99,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
         return im.convert("RGB")
 
 
-def to_unit(image: Image.Image) -> np.ndarray:
+def to_unit(image: Image.Image | np.ndarray) -> np.ndarray:
     """uint8 HWC -> float32 in [0, 1], as torchvision's ToTensor computes it."""
     return np.asarray(image, np.float32) / np.float32(255)
 
@@ -179,22 +179,30 @@ class TrainTransform:
         sx, sy = image.size[0] / width, image.size[1] / height
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         size = (self.image_size, self.image_size)
-        x = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR, box=box))
-        return x[:, ::-1] if self.flip and rng.random() < 0.5 else x
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        crop = rgb.resize(size, Image.BILINEAR, box=box)
+        if self.flip and rng.random() < 0.5:  # in PIL: a flipped NumPy view batches slowly
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(crop)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
-    """torchvision's ImageNet evaluation: Resize(resize_size), CenterCrop(image_size), normalize."""
+    """torchvision's ImageNet evaluation: Resize(resize_size), CenterCrop(image_size), normalize.
+    The eval stream sends `crop`'s uint8 and the eval step normalizes on the device."""
 
     image_size: int = 224
     resize_size: int = 256
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
+    def crop(self, image: Image.Image) -> np.ndarray:
+        """The resized, center-cropped image, uint8 HWC."""
+        return np.asarray(center_crop(resize_short_side(image, self.resize_size), self.image_size))
+
     def __call__(self, image: Image.Image) -> np.ndarray:
-        image = center_crop(resize_short_side(image, self.resize_size), self.image_size)
-        return standardize(to_unit(image), self.mean, self.std)
+        """The normalized float32 HWC image, as torchvision's transforms give it."""
+        return standardize(to_unit(self.crop(image)), self.mean, self.std)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +259,7 @@ class _EvalElement:
     def __call__(self, slot: int) -> dict[str, np.ndarray]:
         size = self.transform.image_size
         blank = {
-            "image": np.zeros((size, size, 3), np.float32),
+            "image": np.zeros((size, size, 3), np.uint8),
             "label": np.int32(0),
             "mask": np.False_,
             "index": np.int64(-1),
@@ -262,7 +270,7 @@ class _EvalElement:
         record = self.split.source[index]
         name = self.split.record_name(index, record)
         try:
-            image = self.transform(decode_image(record["image"], name))
+            image = self.transform.crop(decode_image(record["image"], name))
         except CorruptImageError as e:
             if not self.skip_corrupt:
                 raise
@@ -297,8 +305,12 @@ def _finish(
     drop_remainder: bool,
     worker_count: int,
     read_threads: int,
+    read_buffer_batches: int,
 ) -> grain.IterDataset:
-    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size)
+    if read_buffer_batches < 1:
+        raise ValueError(f"read_buffer_batches must be at least 1, got {read_buffer_batches}")
+    buffer = read_buffer_batches * batch_size  # elements each reader holds decoded ahead
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer)
     it = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
@@ -321,16 +333,19 @@ def train_dataset(
     skip_corrupt: bool = False,
     worker_count: int = 0,
     read_threads: int = 16,
+    read_buffer_batches: int = 4,
 ) -> grain.IterDataset:
     """Endless per-process batches {"image": (B, S, S, 3) uint8, "label": (B,) int32}: the
     crops before colour jitter and normalization, which the train step does on the device.
 
     `batch_size` is this process's share of the global batch. Records are read and transformed
     by `read_threads` threads (0: in the consuming thread) in each of `worker_count` processes
-    (0: in this process). The order (reshuffled every epoch) and the augmentations depend only
-    on `seed`, the process, `worker_count` (grain interleaves the workers' slices) and the
-    position in the stream, so `iter(ds)` with the same arguments, or an iterator restored with
-    `set_state`, repeats them; read threads do not change them.
+    (0: in this process), each holding up to `read_buffer_batches` batches of crops read
+    ahead (host memory: that many times the batch's bytes per reader). The order (reshuffled
+    every epoch) and the augmentations depend only on `seed`, the process, `worker_count`
+    (grain interleaves the workers' slices) and the position in the stream, so `iter(ds)` with
+    the same arguments, or an iterator restored with `set_state`, repeats them; read threads
+    and the buffer do not change them.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -341,7 +356,7 @@ def train_dataset(
     ds = grain.MapDataset.source(indices).map(_WithIndex(split.source))
     ds = ds.seed(process_seed).shuffle().repeat(None)
     ds = ds.random_map(_TrainElement(split, transform, skip_corrupt))
-    return _finish(ds, batch_size, True, worker_count, read_threads)
+    return _finish(ds, batch_size, True, worker_count, read_threads, read_buffer_batches)
 
 
 def eval_dataset(
@@ -354,8 +369,10 @@ def eval_dataset(
     skip_corrupt: bool = False,
     worker_count: int = 0,
     read_threads: int = 16,
+    read_buffer_batches: int = 4,
 ) -> grain.IterDataset:
-    """Per-process batches {"image", "label", "mask", "index"}, every example exactly once.
+    """Per-process batches {"image": (B, S, S, 3) uint8, "label", "mask", "index"}, every
+    example exactly once; the eval step normalizes the images (`EvalTransform.mean`, `std`).
 
     Every process yields `eval_num_batches(len(split), batch_size * process_count)` batches of
     `batch_size`; slots past the process's share have `mask == False` and `index == -1`. A
@@ -366,7 +383,7 @@ def eval_dataset(
     indices = process_indices(len(split), process_index, process_count)
     slots = eval_num_batches(len(split), batch_size * process_count) * batch_size
     ds = grain.MapDataset.range(slots).map(_EvalElement(split, indices, transform, skip_corrupt))
-    return _finish(ds, batch_size, False, worker_count, read_threads)
+    return _finish(ds, batch_size, False, worker_count, read_threads, read_buffer_batches)
 
 
 def fake_batches(

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from shufflenet_jax.data.augment import make_augment
+from shufflenet_jax.data.augment import make_augment, standardize
 from shufflenet_jax.model.network import ShuffleNetV2
 from shufflenet_jax.ops import accumulation_dtype
 from shufflenet_jax.train.parallel import data_sharding, replicated, to_global
@@ -172,11 +172,15 @@ def make_predict(
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
     """`sums, predictions = eval_step(params, batch_stats, batch)`: masked counts of correct
     top-1 and top-5, summed cross-entropy and the number of real examples; and each row's top-1
-    class with the batch's `index` and `mask`. Jitted with `eval_compiler_options()`, its
+    class with the batch's `index` and `mask`. uint8 images are normalized first (the eval
+    stream's crops: `data.augment.standardize`). Jitted with `eval_compiler_options()`, its
     outputs replicated over `mesh` when given."""
 
     def eval_step(params, batch_stats, batch):
-        logits = _logits(graphdef, params, batch_stats, batch["image"]).astype(jnp.float32)
+        images = batch["image"]
+        if images.dtype == jnp.uint8:
+            images = standardize(images)
+        logits = _logits(graphdef, params, batch_stats, images).astype(jnp.float32)
         labels, mask = batch["label"], batch["mask"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         top5 = jax.lax.top_k(logits, 5)[1]
