@@ -7,12 +7,13 @@
 Writes `--images` photo-like JPEGs (500x375, quality 90, about ImageNet's median size and
 compression) into a temporary image folder and prepares it twice with the `image_folder`
 builder: as they are, and pre-resized (`--train_short_side`, shorter side `--short_side`).
-For each, single-threaded: full decode only, and the host's train transform (decode at the
-size the crop needs, random-resized crop 224, flip, uint8 out; colour jitter and normalization
-run on the device). Then the train stream (grain) and the eval stream (resize 256, center crop
-224, uint8) for reader settings of worker processes x threads. Last, the host-to-device copy
-of one batch as uint8 and as float32, and the cores the train stream needs to feed `--feed`
-images/s at the one-core rate. Each: a warm-up, then `--repeats` timed passes; the median.
+For each, single-threaded: full decode only, the host's train transform (decode at the size
+the crop needs, random-resized crop 224, flip, uint8 out; colour jitter and normalization run
+on the device), and the crop's resize alone, C++ against Pillow's, alternating. Then the
+train stream (grain) and the eval stream (resize 256, center crop 224, uint8) for reader
+settings of worker processes x threads. Last, the host-to-device copy of one batch as uint8
+and as float32, and the cores the train stream needs to feed `--feed` images/s at the
+one-core rate. Each: a warm-up, then `--repeats` timed passes; the median.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from shufflenet_jax.data import pipeline as ip
-from shufflenet_jax.data import prepare
+from shufflenet_jax.data import prepare, resample
 from shufflenet_jax.process import setup_process
 
 SETTINGS = [(0, 0), (0, 4), (1, 0), (2, 0), (2, 4)]  # (worker processes, read threads)
@@ -91,6 +92,36 @@ def single_thread_rates(split: ip.Split, count: int, repeats: int) -> dict[str, 
             times.append(time.perf_counter() - start)
         rates[name] = len(records) / statistics.median(times)
     return rates
+
+
+def resize_rates(split: ip.Split, count: int, repeats: int) -> dict[str, float]:
+    """Crops/s of the train crop's resize alone, C++ against Pillow's, on the same decoded
+    images and boxes, alternating round by round; and their median ratio."""
+    images = [ip.decode_image(split.source[i]["image"], "x") for i in range(min(count, len(split)))]
+    rng = np.random.default_rng(0)
+    boxes = []
+    for image in images:
+        left, top, w, h = ip.random_resized_crop_box(*image.size, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        boxes.append((left, top, left + w, top + h))
+
+    def cpp():
+        for image, box in zip(images, boxes, strict=True):
+            resample.resized_crop(image, box, 224, True)
+
+    def pillow():
+        for image, box in zip(images, boxes, strict=True):
+            crop = image.resize((224, 224), Image.BILINEAR, box=box)
+            np.asarray(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+    rounds: dict[str, list[float]] = {"cpp": [], "pillow": []}
+    for _ in range(max(repeats, 5)):
+        for name, fn in (("cpp", cpp), ("pillow", pillow)):
+            start = time.perf_counter()
+            fn()
+            rounds[name].append(len(images) / (time.perf_counter() - start))
+    ratios = [a / b for a, b in zip(rounds["cpp"], rounds["pillow"], strict=True)]
+    rates = {name: statistics.median(r) for name, r in rounds.items()}
+    return rates | {"ratio": statistics.median(ratios)}
 
 
 def copy_ms(batch: int, repeats: int) -> dict:
@@ -155,9 +186,21 @@ def measure(root: Path, data_dir: Path, args, **folder) -> dict:
         f"{single['host_transform']:7.1f} img/s",
         flush=True,
     )
+    resize = resize_rates(split, 256, args.repeats)
+    print(
+        f"  crop resize alone: C++ {resize['cpp']:7.1f} crops/s, Pillow {resize['pillow']:7.1f} "
+        f"({resize['ratio']:.2f}x, alternating rounds)",
+        flush=True,
+    )
     rows = stream_rates(split, args.batch, args.batches, args.repeats)
     one_core = next(r["train_img_s"] for r in rows if (r["workers"], r["threads"]) == (0, 0))
-    return {"record_kb": kb, "single_thread": single, "rows": rows, "one_core_train": one_core}
+    return {
+        "record_kb": kb,
+        "single_thread": single,
+        "crop_resize": resize,
+        "rows": rows,
+        "one_core_train": one_core,
+    }
 
 
 def main() -> None:

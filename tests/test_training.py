@@ -209,22 +209,50 @@ def test_schedules_have_the_recipe_values_at_chosen_steps():
     assert float(lr(300_000)) == pytest.approx(0.0, abs=1e-9)
 
 
-def assert_same_update(start, ours, reference, rtol=1e-3, atol=1e-7):
+def assert_same_update(start, ours, reference, rtol=1e-3, atol=1e-7, nudged=None):
     """`ours` and `reference` moved from `start` by the same step, to a fraction of its size.
 
     Float32 results of differently-partitioned reductions differ by rounding; relative to the
     update the parameters agree. Each new parameter is itself rounded to float32, so two
     updates that differ by rounding may land on neighbouring floats: one float32 spacing of
     the parameter is allowed on top (at 1.0 that is 1.2e-7, more than atol; a BatchNorm scale
-    near 1 with an update of 1e-5 showed exactly that). (Over several steps the rounding grows
-    chaotically: some BatchNorm channels of this tiny-image net see almost no variance, so
-    their normalization amplifies it. The float64 test below checks several steps.)"""
-    for p0, a, b in zip(
-        jax.tree.leaves(start), jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True
+    near 1 with an update of 1e-5 showed exactly that).
+
+    `nudged`: the reference's step from a start moved by a few float spacings. The digit images
+    have flat backgrounds, so max-pool windows hold near-ties and some BatchNorm channels
+    almost no variance: a rounding-sized change can switch which input a window's gradient
+    goes to, and the step is then not a smooth function of rounding. Each tensor may then also
+    differ by 4 times what the nudge moved it (measured: the 8-device step and a 1-spacing nudge
+    moved the worst tensor by the same 3.8e-5, 25 times the relative bound alone, on one seed's
+    data)."""
+    nudges = jax.tree.leaves(reference) if nudged is None else jax.tree.leaves(nudged)
+    for p0, a, b, c in zip(
+        jax.tree.leaves(start),
+        jax.tree.leaves(ours),
+        jax.tree.leaves(reference),
+        nudges,
+        strict=True,
     ):
         spacing = np.spacing(np.abs(np.asarray(b))).astype(np.float64)
-        p0, a, b = (np.asarray(x, np.float64) for x in (p0, a, b))
-        assert np.all(np.abs(a - b) <= rtol * np.abs(b - p0).max() + atol + spacing)
+        p0, a, b, c = (np.asarray(x, np.float64) for x in (p0, a, b, c))
+        sensitivity = 4 * np.abs(c - b).max()
+        assert np.all(np.abs(a - b) <= rtol * np.abs(b - p0).max() + sensitivity + atol + spacing)
+
+
+def nudged_model_dir(config, directory, spacings):
+    """The config's initial model with every parameter moved by `spacings` float spacings of
+    random sign, saved as a model checkpoint (for `model.init_from`)."""
+    model = create_model(config)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda p: (
+            np.asarray(p) + spacings * np.spacing(np.asarray(p)) * rng.choice([-1, 1], p.shape)
+        ),
+        nnx.state(model, nnx.Param),
+    )
+    nnx.update(model, jax.tree.map(lambda p: p.astype(np.float32), params))
+    checkpoint.save_model(directory, model)
+    return str(directory)
 
 
 def test_one_and_eight_devices_give_the_same_step(digits_data_dir, tmp_path):
@@ -242,15 +270,24 @@ def test_one_and_eight_devices_give_the_same_step(digits_data_dir, tmp_path):
     # at most for 1 and 8 devices, as XLA's CPU emitters order the batch reductions differently.
     # Two such runs may differ by twice that; the float64 test below checks agreement exactly.
     assert losses(tmp_path / "eight")[1] == pytest.approx(losses(tmp_path / "one")[1], rel=2e-6)
-    assert_same_update(start.params, eight.state.params, one.state.params)
-    assert_same_update(start.batch_stats, eight.state.batch_stats, one.state.batch_stats)
+    init = nudged_model_dir(config, tmp_path / "nudged_model", spacings=1)
+    nudged = train_and_evaluate(
+        small_config(digits_data_dir, num_devices=1, init_from=init),
+        tmp_path / "nudged",
+        stop_after=1,
+    ).state
+    assert_same_update(start.params, eight.state.params, one.state.params, nudged=nudged.params)
+    assert_same_update(
+        start.batch_stats, eight.state.batch_stats, one.state.batch_stats, nudged=nudged.batch_stats
+    )
 
 
 def test_one_and_eight_devices_agree_over_several_float64_steps(digits_data_dir):
     """Four float64 steps on 1 and on 8 devices agree to what rounding allows. Their reductions
     add in other orders, and this train-mode net amplifies such rounding step by step (some
-    BatchNorm channels see almost no variance), so the bound on the losses is measured: ten
-    times what moving every starting parameter by four float64 spacings does to them."""
+    BatchNorm channels see almost no variance), so the bounds are measured: ten times what
+    moving every starting parameter by four float64 spacings does to the losses, and four
+    times what it does to each parameter tensor (`assert_same_update`)."""
     config = small_config(digits_data_dir, compute_dtype="float64")
     split = input_pipeline.load_split("digits", "train", digits_data_dir)
     transform = configured.train_transform(config)
@@ -289,16 +326,19 @@ def test_one_and_eight_devices_agree_over_several_float64_steps(digits_data_dir)
             return np.array(trace), jax.tree.map(np.asarray, state)
 
         (one, one_state), (eight, eight_state) = trajectory(1, start), trajectory(8, start)
-        nudged_losses = trajectory(1, nudged)[0]
+        nudged_losses, nudged_state = trajectory(1, nudged)
     # The first loss is one forward pass, not yet amplified by steps (measured 1e-15 apart).
     assert abs(eight[0] - one[0]) <= 1e-13 * abs(one[0])
     # Measured on an AMD EPYC: the nudge moved the fourth loss by 1.3e-8, 8 devices by 2.4e-9.
     sensitivity = np.abs(nudged_losses - one).max()
     assert np.abs(eight - one).max() <= 10 * sensitivity, (eight - one, sensitivity)
-    assert_same_update(start.params, eight_state.params, one_state.params, rtol=1e-8, atol=1e-12)
-    assert_same_update(
-        start.batch_stats, eight_state.batch_stats, one_state.batch_stats, rtol=1e-8, atol=1e-12
-    )
+    for group in ("params", "batch_stats"):
+        assert_same_update(
+            *(getattr(state, group) for state in (start, eight_state, one_state)),
+            rtol=1e-8,
+            atol=1e-12,
+            nudged=getattr(nudged_state, group),
+        )
 
 
 def test_interrupted_and_resumed_training_ends_with_the_same_parameters(digits_data_dir, tmp_path):

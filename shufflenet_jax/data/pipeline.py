@@ -29,6 +29,7 @@ from PIL import Image
 
 from shufflenet_jax.data import datasets as _registers_builders  # noqa: F401  (digits, image_folder)
 from shufflenet_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from shufflenet_jax.data.resample import resized_crop
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ def random_resized_crop_box(
 class TrainTransform:
     """The host's share of training augmentation: random-resized crop to `image_size` and
     horizontal flip, uint8 HWC out (colour jitter and normalization run on the device:
-    `augment.make_augment`). A JPEG is decoded only at the size the crop needs (DCT scaling)."""
+    `augment.make_augment`). A JPEG is decoded only at the size the crop needs (DCT scaling);
+    the crop is resized as Pillow's BILINEAR does it, by `resample.resized_crop`."""
 
     image_size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
@@ -178,12 +180,9 @@ class TrainTransform:
             image.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
         sx, sy = image.size[0] / width, image.size[1] / height
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        size = (self.image_size, self.image_size)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        crop = rgb.resize(size, Image.BILINEAR, box=box)
-        if self.flip and rng.random() < 0.5:  # in PIL: a flipped NumPy view batches slowly
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(crop)
+        flip = self.flip and rng.random() < 0.5
+        return resized_crop(rgb, box, self.image_size, flip)
 
 
 @dataclasses.dataclass(frozen=True)

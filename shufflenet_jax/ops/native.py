@@ -72,10 +72,11 @@ def _cpu_model() -> str:
     return "".join(names[:2]) or platform.processor()
 
 
-def build_library() -> Path:
-    """Compiles csrc/kernels.cc unless a build of this exact source is cached; its path."""
+def build_library(source_path: Path = _SOURCE) -> Path:
+    """Compiles a csrc/ file (the kernels by default) unless a build of this exact source is
+    cached; its path."""
     compiler = os.environ.get("CXX", "g++")
-    source = _SOURCE.read_bytes()
+    source = source_path.read_bytes()
     key = hashlib.sha256(
         source
         + jaxlib.__version__.encode()
@@ -84,23 +85,24 @@ def build_library() -> Path:
         + _cpu_model().encode()  # -march=native: a shared cache must not mix CPU models
     ).hexdigest()[:16]
     cache = _cache_dir()
-    lib = cache / f"kernels-{key}.so"
+    lib = cache / f"{source_path.stem}-{key}.so"
     if lib.exists():
         return lib
     if shutil.which(compiler) is None:
         raise NativeBuildError(
-            f"C++ compiler {compiler!r} not found (set CXX); needed to build {_SOURCE.name}"
+            f"C++ compiler {compiler!r} not found (set CXX); needed to build {source_path.name}"
         )
     cache.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: concurrent processes never load a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [compiler, *_FLAGS, f"-march={_march()}", "-isystem", jax.ffi.include_dir()]
-    cmd += [str(_SOURCE), "-o", tmp]
+    cmd += [str(source_path), "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         os.unlink(tmp)
-        raise NativeBuildError(f"compiling {_SOURCE.name} failed:\n{' '.join(cmd)}\n{done.stderr}")
+        name = source_path.name
+        raise NativeBuildError(f"compiling {name} failed:\n{' '.join(cmd)}\n{done.stderr}")
     os.replace(tmp, lib)
     return lib
 
