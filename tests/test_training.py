@@ -219,12 +219,12 @@ def assert_same_update(start, ours, reference, rtol=1e-3, atol=1e-7, nudged=None
     near 1 with an update of 1e-5 showed exactly that).
 
     `nudged`: the reference's step from a start moved by a few float spacings. The digit images
-    have flat backgrounds, so max-pool windows hold near-ties and some BatchNorm channels
-    almost no variance: a rounding-sized change can switch which input a window's gradient
-    goes to, and the step is then not a smooth function of rounding. Each tensor may then also
-    differ by 4 times what the nudge moved it (measured: the 8-device step and a 1-spacing nudge
-    moved the worst tensor by the same 3.8e-5, 25 times the relative bound alone, on one seed's
-    data)."""
+    have flat backgrounds: 17.5% of the stem's max-pool windows hold exact ties (measured), and
+    some BatchNorm channels see almost no variance, so rounding can switch which input a
+    window's gradient goes to and the step is not a smooth function of rounding. Each tensor
+    may then also differ by 4 times what the nudge moved it (measured on one seed's data: the
+    8-device step and a 1-spacing nudge moved the worst tensor, conv5's kernel, by the same
+    3.8e-5, 25 times the relative bound alone; other seeds stayed within that bound)."""
     nudges = jax.tree.leaves(reference) if nudged is None else jax.tree.leaves(nudged)
     for p0, a, b, c in zip(
         jax.tree.leaves(start),
