@@ -316,8 +316,14 @@ def test_folded_stem_and_stages_lower_without_the_cpu_kernels_for_other_backends
 
 
 def _unit_weights(c_in, half, stride):
-    shapes = [(c_in if stride == 2 else half, half), (half,), (9, half), (half,), (half, half)]
-    shapes += [(half,)] + ([(9, c_in), (c_in,), (c_in, half), (half,)] if stride == 2 else [])
+    """A kernel and its BatchNorm's buffers per convolution, as `native.UnitWeights` and
+    `DownUnitWeights` order them."""
+
+    def conv(rows, cols):
+        return [(rows, cols)] + [(cols,)] * 4  # kernel, BatchNorm gamma, beta, mean, var
+
+    shapes = conv(c_in if stride == 2 else half, half) + conv(9, half) + conv(half, half)
+    shapes += conv(9, c_in) + conv(c_in, half) if stride == 2 else []
     return tuple(jnp.ones(s) for s in shapes)
 
 
@@ -326,41 +332,43 @@ def _unit_weights(c_in, half, stride):
     [
         ([], "at least one unit"),
         ([_unit_weights(24, 12, 1)], r"unit 0 on input channels 8: .* and 24 input channels"),
-        ([_unit_weights(8, 12, 2)[:9]], "unit 0 has 9 weight arrays"),
-        ([_unit_weights(8, 12, 2), _unit_weights(24, 12, 2)], "unit 1 has 10 weight arrays"),
+        ([_unit_weights(8, 12, 2)[:24]], "unit 0 has 24 weight arrays"),
+        ([_unit_weights(8, 12, 2), _unit_weights(24, 12, 2)], "unit 1 has 25 weight arrays"),
         (
-            [_unit_weights(8, 12, 2), (*_unit_weights(24, 12, 1)[:2], jnp.ones((3, 12)))],
-            r"unit 1 has 3 weight arrays",
+            [_unit_weights(8, 12, 2), (*_unit_weights(24, 12, 1)[:5], jnp.ones((3, 12)))],
+            r"unit 1 has 6 weight arrays",
         ),
         (
-            [_unit_weights(8, 12, 2), _unit_weights(24, 12, 1)[:2] + (jnp.ones((3, 12)),) * 4],
+            [_unit_weights(8, 12, 2), _unit_weights(24, 12, 1)[:5] + (jnp.ones((3, 12)),) * 10],
             r"unit 1 .*\(3, 12\).* expected .*\(9, 12\)",
         ),
     ],
 )
 def test_shuffle_stage_rejects_mismatched_weights(units, message):
     with pytest.raises(ValueError, match=message):
-        native.shuffle_stage(jnp.ones((1, 6, 6, 8)), units)
+        native.shuffle_stage(jnp.ones((1, 6, 6, 8)), units, 1e-5)
 
 
 def test_shuffle_stage_rejects_other_dtypes():
     units = [tuple(w.astype(jnp.bfloat16) for w in _unit_weights(8, 12, 2))]
     with pytest.raises(ValueError, match="needs float32"):
-        native.shuffle_stage(jnp.ones((1, 6, 6, 8)), units)
+        native.shuffle_stage(jnp.ones((1, 6, 6, 8)), units, 1e-5)
 
 
 @pytest.mark.parametrize(
-    "x_shape, kernel_shape, bias_shape",
+    "x_shape, kernel_shape, norm_shapes",
     [
-        ((1, 8, 8, 3), (3, 3, 4, 24), (24,)),
-        ((1, 8, 8, 3), (5, 5, 3, 24), (24,)),
-        ((1, 8, 8, 3), (3, 3, 3, 24), (16,)),
-        ((8, 8, 3), (3, 3, 3, 24), (24,)),
+        ((1, 8, 8, 3), (3, 3, 4, 24), [(24,)] * 4),
+        ((1, 8, 8, 3), (5, 5, 3, 24), [(24,)] * 4),
+        ((1, 8, 8, 3), (3, 3, 3, 24), [(24,)] * 3 + [(16,)]),
+        ((1, 8, 8, 3), (3, 3, 3, 24), [(24,)] * 3),
+        ((8, 8, 3), (3, 3, 3, 24), [(24,)] * 4),
     ],
 )
-def test_stem_pool_rejects_mismatched_shapes(x_shape, kernel_shape, bias_shape):
+def test_stem_pool_rejects_mismatched_shapes(x_shape, kernel_shape, norm_shapes):
+    norm = tuple(jnp.ones(shape) for shape in norm_shapes)
     with pytest.raises(ValueError, match="stem_pool: .* do not match"):
-        native.stem_pool(jnp.ones(x_shape), jnp.ones(kernel_shape), jnp.ones(bias_shape))
+        native.stem_pool(jnp.ones(x_shape), jnp.ones(kernel_shape), norm, 1e-5)
 
 
 def test_other_default_backends_trace_without_building_or_calling_the_kernels(monkeypatch):

@@ -151,6 +151,15 @@ def folded_conv(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, Array]:
     return conv.kernel[...] * s, norm.bias[...] - norm.mean[...] * s
 
 
+def inference_norm(norm: BatchNorm | Bias) -> tuple[tuple[Array, Array, Array, Array], float]:
+    """((gamma, beta, mean, var), eps) of an inference norm, for the C++ calls that fold it: a
+    `Bias` b as gamma 1, beta b, mean 0, var 1 with eps 0, which is exactly y + b."""
+    if isinstance(norm, Bias):
+        b = norm.bias[...]
+        return (jnp.ones_like(b), b, jnp.zeros_like(b), jnp.ones_like(b)), 0.0
+    return (norm.scale[...], norm.bias[...], norm.mean[...], norm.var[...]), norm.epsilon
+
+
 def is_inference_norm(layer: nnx.Module) -> bool:
     """Whether `layer` normalizes with fixed statistics: a folded `Bias` or an eval-mode
     BatchNorm."""

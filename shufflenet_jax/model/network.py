@@ -21,7 +21,7 @@ from shufflenet_jax.model.layers import (
     Conv2d,
     MaxPool,
     Ops,
-    folded_conv,
+    inference_norm,
     is_inference_norm,
 )
 from shufflenet_jax.ops.native import DownUnitWeights, UnitWeights
@@ -121,19 +121,27 @@ class ShuffleUnit(nnx.Module):
         return self.shuffle(out, 2)
 
 
-def unit_weights(unit: ShuffleUnit) -> UnitWeights | DownUnitWeights:
-    """An inference unit's weights with BatchNorm folded, as the fused stage reads them."""
+def unit_weights(unit: ShuffleUnit) -> tuple[UnitWeights | DownUnitWeights, float]:
+    """An inference unit's kernels, each with its BatchNorm's buffers, as the fused stage reads
+    them (it folds them as it copies the kernels), and the BatchNorms' common eps."""
+    epsilons = set()
 
-    def pair(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, Array]:
-        k, b = folded_conv(conv, norm)
-        return k.reshape(-1, k.shape[-1]), b
+    def conv(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, ...]:
+        k = conv.kernel[...]
+        buffers, eps = inference_norm(norm)
+        epsilons.add(eps)
+        return (k.reshape(-1, k.shape[-1]), *buffers)
 
     b2 = unit.branch2.layers
-    weights = (*pair(b2[0], b2[1]), *pair(b2[3], b2[4]), *pair(b2[5], b2[6]))
+    weights = (*conv(b2[0], b2[1]), *conv(b2[3], b2[4]), *conv(b2[5], b2[6]))
     if unit.branch1 is None:
-        return UnitWeights(*weights)
-    b1 = unit.branch1.layers
-    return DownUnitWeights(*weights, *pair(b1[0], b1[1]), *pair(b1[2], b1[3]))
+        result = UnitWeights(*weights)
+    else:
+        b1 = unit.branch1.layers
+        result = DownUnitWeights(*weights, *conv(b1[0], b1[1]), *conv(b1[2], b1[3]))
+    if len(epsilons) != 1:
+        raise ValueError(f"a unit's BatchNorms have different epsilons {sorted(epsilons)}")
+    return result, epsilons.pop()
 
 
 def _stage_layers(stage: nnx.Sequential, x: Array) -> Array:
@@ -141,8 +149,10 @@ def _stage_layers(stage: nnx.Sequential, x: Array) -> Array:
 
 
 def _stage_fused(stage: nnx.Sequential, x: Array) -> Array:
-    weights = [unit_weights(unit) for unit in stage.layers]
-    return ops.fused_stage(x, weights, lambda: stage(x))
+    weights, epsilons = zip(*(unit_weights(unit) for unit in stage.layers), strict=True)
+    if len(set(epsilons)) != 1:
+        raise ValueError(f"a stage's BatchNorms have different epsilons {sorted(set(epsilons))}")
+    return ops.fused_stage(x, list(weights), epsilons[0], lambda: stage(x))
 
 
 def _stem_layers(conv1: nnx.Sequential, image: Array) -> Array:
@@ -151,8 +161,9 @@ def _stem_layers(conv1: nnx.Sequential, image: Array) -> Array:
 
 def _stem_fused(conv1: nnx.Sequential, image: Array) -> Array:
     conv, norm = conv1.layers[:2]
-    kernel, bias = folded_conv(conv, norm)
-    return ops.fused_stem_pool(image, kernel, bias, lambda: _stem_layers(conv1, image))
+    buffers, eps = inference_norm(norm)
+    stem = lambda: _stem_layers(conv1, image)  # noqa: E731
+    return ops.fused_stem_pool(image, conv.kernel[...], buffers, eps, stem)
 
 
 def _fused_with_layers_gradient(module: nnx.Module, fused, layers, x: Array) -> Array:

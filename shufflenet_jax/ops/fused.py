@@ -18,9 +18,12 @@ Array = jax.Array
 
 
 def fused_stage(
-    x: Array, units: list[native.UnitWeights | native.DownUnitWeights], layers: Callable[[], Array]
+    x: Array,
+    units: list[native.UnitWeights | native.DownUnitWeights],
+    eps: float,
+    layers: Callable[[], Array],
 ) -> Array:
-    """`native.shuffle_stage(x, units)` when compiling for the CPU in float32 with the C++
+    """`native.shuffle_stage(x, units, eps)` when compiling for the CPU in float32 with the C++
     kernels built; otherwise `layers()`, the same stage computed by XLA."""
     flat = [a for unit in units for a in unit]
     if not native_usable(x, *flat):
@@ -29,16 +32,20 @@ def fused_stage(
 
     def kernel(x: Array, *flat: Array) -> Array:
         it = iter(flat)
-        return native.shuffle_stage(x, [k(*(next(it) for _ in k._fields)) for k in kinds])
+        return native.shuffle_stage(x, [k(*(next(it) for _ in k._fields)) for k in kinds], eps)
 
     return lax.platform_dependent(x, *flat, cpu=kernel, default=lambda *_: layers())
 
 
-def fused_stem_pool(x: Array, kernel: Array, bias: Array, layers: Callable[[], Array]) -> Array:
-    """`native.stem_pool(x, kernel, bias)` when compiling for the CPU in float32 with the C++
-    kernels built; otherwise `layers()`, the same stem and max-pool computed by XLA."""
-    if not native_usable(x, kernel, bias):
+def fused_stem_pool(
+    x: Array, kernel: Array, norm: tuple[Array, ...], eps: float, layers: Callable[[], Array]
+) -> Array:
+    """`native.stem_pool(x, kernel, norm, eps)` when compiling for the CPU in float32 with the
+    C++ kernels built; otherwise `layers()`, the same stem and max-pool computed by XLA."""
+    if not native_usable(x, kernel, *norm):
         return layers()
-    return lax.platform_dependent(
-        x, kernel, bias, cpu=native.stem_pool, default=lambda *_: layers()
-    )
+
+    def stem(x: Array, kernel: Array, *norm: Array) -> Array:
+        return native.stem_pool(x, kernel, norm, eps)
+
+    return lax.platform_dependent(x, kernel, *norm, cpu=stem, default=lambda *_: layers())

@@ -133,11 +133,12 @@ def status() -> str:
     return f"{build_library()} (-march={_march()})"
 
 
-def _call(target: str, shape: tuple[int, ...], *args: Array, **attrs: int) -> Array:
+def _call(target: str, shape: tuple[int, ...], *args: Array, **attrs: float) -> Array:
     _register()
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
-    return call(*args, **{k: np.int64(v) for k, v in attrs.items()})
+    typed = {k: np.float32(v) if isinstance(v, float) else np.int64(v) for k, v in attrs.items()}
+    return call(*args, **typed)
 
 
 def _check_float32(name: str, *arrays: Array) -> None:
@@ -214,34 +215,39 @@ def batch_norm_grad_sums(g: Array, x: Array, mean: Array) -> tuple[Array, Array]
     return out[0], out[1]
 
 
-class UnitWeights(NamedTuple):
-    """A stride-1 unit's weights with BatchNorm folded, in the order kernels.cc reads them:
-    branch 2's 1x1 (C/2, half), 3x3 depthwise (9, half) and 1x1 (half, half) kernels, each
-    followed by its bias."""
+_NORM = ("gamma", "beta", "mean", "var")
 
-    pw1: Array
-    pw1_bias: Array
-    dw: Array
-    dw_bias: Array
-    pw2: Array
-    pw2_bias: Array
 
+def _conv_fields(prefix: str) -> list[tuple[str, type]]:
+    return [(prefix, Array)] + [(f"{prefix}_{name}", Array) for name in _NORM]
+
+
+UnitWeights = NamedTuple(
+    "UnitWeights", _conv_fields("pw1") + _conv_fields("dw") + _conv_fields("pw2")
+)
+UnitWeights.__doc__ = """A stride-1 unit's weights in the order kernels.cc reads them: branch 2's
+1x1 (C/2, half), 3x3 depthwise (9, half) and 1x1 (half, half) kernels, each followed by its
+inference BatchNorm's gamma, beta, running mean and variance (half,). kernels.cc folds each
+into its kernel while copying it (a folded model passes gamma 1, mean 0, var 1 and eps 0)."""
 
 DownUnitWeights = NamedTuple(
     "DownUnitWeights",
-    [(name, Array) for name in UnitWeights._fields]
-    + [(f"branch1_{name}", Array) for name in ("dw", "dw_bias", "pw", "pw_bias")],
+    list(UnitWeights.__annotations__.items())
+    + _conv_fields("branch1_dw")
+    + _conv_fields("branch1_pw"),
 )
 DownUnitWeights.__doc__ = """A stride-2 unit's weights: branch 2's as in `UnitWeights` (its
 first 1x1 reads all C_in channels), then branch 1's depthwise (9, C_in) and 1x1 (C_in, half)
-kernels, each followed by its bias."""
+kernels, each followed by its BatchNorm's four buffers."""
+_ONE, _DOWN = len(UnitWeights._fields), len(DownUnitWeights._fields)
 
 
-def shuffle_stage(x: Array, units: list[tuple[Array, ...]]) -> Array:
-    """ShuffleNet V2 units with BatchNorm folded, one after another on float32 NHWC x, on the CPU.
+def shuffle_stage(x: Array, units: list[tuple[Array, ...]], eps: float) -> Array:
+    """ShuffleNet V2 units in inference (each BatchNorm `eps`), one after another on float32
+    NHWC x, on the CPU.
 
-    Each unit is a `UnitWeights` (six arrays, stride 1: branch 2 sees the second half of the
-    channels, the first half passes through) or, first unit only, a `DownUnitWeights` (ten,
+    Each unit is a `UnitWeights` (15 arrays, stride 1: branch 2 sees the second half of the
+    channels, the first half passes through) or, first unit only, a `DownUnitWeights` (25,
     stride 2); ReLU follows each branch's last 1x1. Each unit returns its two branches
     concatenated and shuffled; each image goes through all units while in the cache.
     """
@@ -250,19 +256,23 @@ def shuffle_stage(x: Array, units: list[tuple[Array, ...]]) -> Array:
     if x.ndim != 4:
         raise ValueError(f"shuffle_stage: x must be NHWC, got shape {x.shape}")
     n, h, w, c = x.shape
-    first_stride = 2 if len(units[0]) == 10 else 1
+    first_stride = 2 if len(units[0]) == _DOWN else 1
     for i, unit in enumerate(units):
         _check_float32(f"shuffle_stage unit {i}", *unit)
-        stride = 2 if len(unit) == 10 else 1
-        if len(unit) not in (6, 10) or (i and stride == 2):
+        stride = 2 if len(unit) == _DOWN else 1
+        if len(unit) not in (_ONE, _DOWN) or (i and stride == 2):
             raise ValueError(
-                f"shuffle_stage: unit {i} has {len(unit)} weight arrays; the first unit takes 6 "
-                "(stride 1) or 10 (stride 2), later units 6"
+                f"shuffle_stage: unit {i} has {len(unit)} weight arrays; the first unit takes "
+                f"{_ONE} (stride 1) or {_DOWN} (stride 2), later units {_ONE}"
             )
         half = unit[0].shape[-1]
         cin = half if stride == 1 else c
-        want = [(cin, half), (half,), (9, half), (half,), (half, half), (half,)]
-        want += [(9, c), (c,), (c, half), (half,)] if stride == 2 else []
+
+        def conv(rows: int, cols: int) -> list[tuple[int, ...]]:
+            return [(rows, cols)] + [(cols,)] * len(_NORM)
+
+        want = conv(cin, half) + conv(9, half) + conv(half, half)
+        want += conv(9, c) + conv(c, half) if stride == 2 else []
         got = [tuple(a.shape) for a in unit]
         if got != want or (stride == 1 and c != 2 * half):
             raise ValueError(
@@ -271,21 +281,30 @@ def shuffle_stage(x: Array, units: list[tuple[Array, ...]]) -> Array:
             )
         h, w, c = (h - 1) // stride + 1, (w - 1) // stride + 1, 2 * half
     weights = [a for unit in units for a in unit]
-    return _call("shufflenet_stage", (n, h, w, c), x, *weights, first_stride=first_stride)
+    shape = (n, h, w, c)
+    return _call("shufflenet_stage", shape, x, *weights, first_stride=first_stride, eps=eps)
 
 
-def stem_pool(x: Array, kernel: Array, bias: Array) -> Array:
-    """max_pool_3x3_s2(relu(conv_3x3_s2(x, kernel) + bias)) on the CPU, both padded by 1: the
-    ShuffleNet V2 stem with BatchNorm folded. x float32 NHWC, kernel HWIO (3, 3, C_in, C_out)."""
-    _check_float32("stem_pool", x, kernel, bias)
-    if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[3:]:
+def stem_pool(x: Array, kernel: Array, norm: tuple[Array, ...], eps: float) -> Array:
+    """max_pool_3x3_s2(relu(BN(conv_3x3_s2(x, kernel)))) on the CPU, both padded by 1: the
+    ShuffleNet V2 stem in inference, `norm` its BatchNorm's (gamma, beta, mean, var). x float32
+    NHWC, kernel HWIO (3, 3, C_in, C_out)."""
+    _check_float32("stem_pool", x, kernel, *norm)
+    cout = kernel.shape[3:]
+    if (
+        x.ndim != 4
+        or kernel.shape[:3] != (3, 3, x.shape[-1])
+        or len(norm) != len(_NORM)
+        or any(a.shape != cout for a in norm)
+    ):
         raise ValueError(
             f"stem_pool: x {x.shape} (NHWC), kernel {kernel.shape} (3, 3, C_in, C_out) and "
-            f"bias {bias.shape} do not match"
+            f"BatchNorm {[a.shape for a in norm]} (4 of C_out) do not match"
         )
     n, h, w, _ = x.shape
     shape = (n, (h - 1) // 2 // 2 + 1, (w - 1) // 2 // 2 + 1, kernel.shape[3])
-    return _call("shufflenet_stem_pool", shape, x, kernel.reshape(-1, kernel.shape[3]), bias)
+    kernel = kernel.reshape(-1, kernel.shape[3])
+    return _call("shufflenet_stem_pool", shape, x, kernel, *norm, eps=eps)
 
 
 def stem_conv(x: Array, kernel: Array) -> Array:

@@ -9,10 +9,11 @@
 // - BatchNorm's per-channel sums over N, H, W in one pass, where XLA runs one reduction each:
 //     forward:  mean[c] and biased variance[c] of x
 //     backward: sum[c] of g and sum[c] of g * (x - mean)
-// - the stem's 3x3 stride-2 convolution (forward), and inference with BatchNorm folded: the stem
-//   with its max-pool, and whole stages of ShuffleNet V2 units, each image band through all of
-//   a unit's (or a stage's) layers while it is in the cache, where XLA makes a pass over memory
-//   per layer; their 1x1 convolutions through one register-blocked matmul kernel.
+// - the stem's 3x3 stride-2 convolution (forward), and inference (each BatchNorm folded into
+//   its convolution here, as the weights are copied): the stem with its max-pool, and whole
+//   stages of ShuffleNet V2 units, each image band through all of a unit's (or a stage's)
+//   layers while it is in the cache, where XLA makes a pass over memory per layer; their 1x1
+//   convolutions through one register-blocked matmul kernel.
 //
 // Gradients are summed per output row in float32 (BatchNorm's sums per block of 128 rows of C
 // channels), rows or blocks into double accumulators (one set per chunk of the batch), and the
@@ -493,28 +494,64 @@ void Depthwise(const float* __restrict in, int64_t in_cols, int64_t cp, int64_t 
 
 // A weight matrix (rows, cols) copied into (rows, RoundUp16(cols)) with zero columns; a
 // vector into RoundUp16 entries. Zero weights and biases keep the padding channels at zero.
-std::vector<float> PadColumns(const float* w, int64_t rows, int64_t cols) {
+// rows x cols -> rows x RoundUp16(cols), column j multiplied by scale[j] when scale is given:
+// an eval-mode BatchNorm folded while the weights are copied (XLA would write a folded copy of
+// every kernel on each call first).
+std::vector<float> PadColumns(const float* w, int64_t rows, int64_t cols,
+                              const float* scale = nullptr) {
   const int64_t np = RoundUp16(cols);
   std::vector<float> out(rows * np, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) std::copy(w + r * cols, w + (r + 1) * cols, out.data() + r * np);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = out.data() + r * np;
+    const float* src = w + r * cols;
+    if (scale == nullptr) {
+      std::copy(src, src + cols, dst);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] * scale[j];
+    }
+  }
   return out;
 }
 
 const float* Floats(const ffi::AnyBuffer& a) { return static_cast<const float*>(a.untyped_data()); }
 
-struct Pointwise {  // a 1x1 convolution (C_in, C_out) with bias, columns padded to 16s
-  std::vector<float> w, b;
-  int64_t k;
-  Pointwise(const float* w_, const float* b_, int64_t k_, int64_t n)
-      : w(PadColumns(w_, k_, n)), b(PadColumns(b_, 1, n)), k(k_) {}
-  Pointwise(const ffi::AnyBuffer& w_, const ffi::AnyBuffer& b_)
-      : Pointwise(Floats(w_), Floats(b_), w_.dimensions()[0], w_.dimensions()[1]) {}
+// An inference BatchNorm as y * scale + bias per channel, from its buffers (gamma, beta,
+// running mean, running variance): scale = gamma / sqrt(var + eps), bias = beta - mean * scale.
+// Computed here, not by XLA, which would run a small kernel per BatchNorm on each call.
+struct Affine {
+  std::vector<float> scale, bias;
+  Affine(const ffi::AnyBuffer* norm, float eps, int64_t n) : scale(n), bias(n) {
+    const float *gamma = Floats(norm[0]), *beta = Floats(norm[1]);
+    const float *mean = Floats(norm[2]), *var = Floats(norm[3]);
+    for (int64_t j = 0; j < n; ++j) {
+      scale[j] = gamma[j] / std::sqrt(var[j] + eps);
+      bias[j] = beta[j] - mean[j] * scale[j];
+    }
+  }
 };
 
-struct DepthwiseWeights {  // a (9, C) kernel and its bias, channels padded to 16s
+// A 1x1 convolution (C_in, C_out), its columns scaled (a folded BatchNorm; none: 1), with
+// bias, columns padded to 16s.
+struct Pointwise {
+  std::vector<float> w, b;
+  int64_t k;
+  Pointwise(const float* w_, const float* scale, const float* b_, int64_t k_, int64_t n)
+      : w(PadColumns(w_, k_, n, scale)), b(PadColumns(b_, 1, n)), k(k_) {}
+  Pointwise(const ffi::AnyBuffer& w_, const Affine& a)
+      : Pointwise(Floats(w_), a.scale.data(), a.bias.data(), w_.dimensions()[0],
+                  w_.dimensions()[1]) {}
+  // conv[0]: the kernel; conv[1..4]: its BatchNorm's buffers
+  Pointwise(const ffi::AnyBuffer* conv, float eps)
+      : Pointwise(conv[0], Affine(conv + 1, eps, conv[0].dimensions()[1])) {}
+};
+
+struct DepthwiseWeights {  // a (9, C) kernel scaled per channel, its bias, padded to 16s
   std::vector<float> k, b;
-  DepthwiseWeights(const ffi::AnyBuffer& k_, const ffi::AnyBuffer& b_)
-      : k(PadColumns(Floats(k_), 9, k_.dimensions()[1])), b(PadColumns(Floats(b_), 1, k_.dimensions()[1])) {}
+  DepthwiseWeights(const ffi::AnyBuffer& k_, const Affine& a)
+      : k(PadColumns(Floats(k_), 9, k_.dimensions()[1], a.scale.data())),
+        b(PadColumns(a.bias.data(), 1, k_.dimensions()[1])) {}
+  DepthwiseWeights(const ffi::AnyBuffer* conv, float eps)
+      : DepthwiseWeights(conv[0], Affine(conv + 1, eps, conv[0].dimensions()[1])) {}
 };
 
 struct UnitShape {
@@ -746,11 +783,12 @@ bool IsVector(ffi::AnyBuffer a, int64_t size) {
   return a.element_type() == ffi::F32 && a.dimensions().size() == 1 && a.dimensions()[0] == size;
 }
 
-// Weights per unit: (w1, b1), (depthwise kernel, bias), (w2, b2) of branch 2, then for a
-// stride-2 unit (depthwise kernel, bias), (w, b) of branch 1. 1x1 kernels are (C_in, C_out)
-// matrices, depthwise kernels (9, C). Only the first unit may have stride 2.
+// Weights per unit: w1, the depthwise kernel and w2 of branch 2, then for a stride-2 unit the
+// depthwise kernel and w of branch 1, each followed by its BatchNorm's (gamma, beta, mean, var)
+// (eps for all). 1x1 kernels are (C_in, C_out) matrices, depthwise kernels (9, C). Only the
+// first unit may have stride 2.
 ffi::Error ShuffleStage(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
-                        ffi::ResultBuffer<ffi::F32> out, int64_t first_stride) {
+                        ffi::ResultBuffer<ffi::F32> out, int64_t first_stride, float eps) {
   const auto xd = x.dimensions();
   if (xd.size() != 4 || (first_stride != 1 && first_stride != 2)) {
     return ffi::Error::InvalidArgument("shuffle stage: x must be NHWC, the stride 1 or 2");
@@ -759,7 +797,7 @@ ffi::Error ShuffleStage(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rema
   int64_t h = xd[1], w = xd[2], c = xd[3];
   for (size_t i = 0; i < weights.size();) {
     const int64_t s = units.empty() ? first_stride : 1;
-    const size_t count = s == 1 ? 6 : 10;
+    const size_t count = s == 1 ? 15 : 25;  // a kernel and 4 BatchNorm buffers per conv
     if (i + count > weights.size()) {
       return ffi::Error::InvalidArgument("shuffle stage: a unit's weights are incomplete");
     }
@@ -771,19 +809,21 @@ ffi::Error ShuffleStage(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rema
     }
     const int64_t half = a[0].dimensions().size() == 2 ? a[0].dimensions()[1] : -1;
     const int64_t k1 = s == 1 ? half : c;
-    if ((s == 1 && c != 2 * half) || !IsMatrix(a[0], k1, half) || !IsVector(a[1], half) ||
-        !IsMatrix(a[2], 9, half) || !IsVector(a[3], half) || !IsMatrix(a[4], half, half) ||
-        !IsVector(a[5], half) ||
-        (s == 2 && (!IsMatrix(a[6], 9, c) || !IsVector(a[7], c) || !IsMatrix(a[8], c, half) ||
-                    !IsVector(a[9], half)))) {
+    auto conv = [&](size_t j, int64_t rows, int64_t cols) {  // a[j]: kernel; its BatchNorm
+      bool ok = IsMatrix(a[j], rows, cols);
+      for (size_t q = 1; q <= 4; ++q) ok = ok && IsVector(a[j + q], cols);
+      return ok;
+    };
+    if ((s == 1 && c != 2 * half) || !conv(0, k1, half) || !conv(5, 9, half) ||
+        !conv(10, half, half) || (s == 2 && (!conv(15, 9, c) || !conv(20, c, half)))) {
       return ffi::Error::InvalidArgument("shuffle stage: weight shapes do not match the input");
     }
     UnitShape u{h, w, c, s, (h - 1) / s + 1, (w - 1) / s + 1, half};
-    units.push_back(Unit{u, Pointwise(a[0], a[1]), DepthwiseWeights(a[2], a[3]),
-                         Pointwise(a[4], a[5]), std::nullopt, std::nullopt});
+    units.push_back(Unit{u, Pointwise(&a[0], eps), DepthwiseWeights(&a[5], eps),
+                         Pointwise(&a[10], eps), std::nullopt, std::nullopt});
     if (s == 2) {
-      units.back().dw1.emplace(a[6], a[7]);
-      units.back().pw3.emplace(a[8], a[9]);
+      units.back().dw1.emplace(&a[15], eps);
+      units.back().pw3.emplace(&a[20], eps);
     }
     h = u.ho, w = u.wo, c = 2 * half;
     i += count;
@@ -796,20 +836,25 @@ ffi::Error ShuffleStage(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rema
   return ffi::Error::Success();
 }
 
-// x (N, H, W, C_in); kernel (9 * C_in, C_out) from HWIO; bias (C_out).
+// x (N, H, W, C_in); kernel (9 * C_in, C_out) from HWIO; its BatchNorm's gamma, beta, mean
+// and variance (C_out).
 ffi::Error StemPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer kernel,
-                    ffi::AnyBuffer bias, ffi::ResultBuffer<ffi::F32> out) {
+                    ffi::AnyBuffer gamma, ffi::AnyBuffer beta, ffi::AnyBuffer mean,
+                    ffi::AnyBuffer var, ffi::ResultBuffer<ffi::F32> out, float eps) {
   const auto xd = x.dimensions(), od = out->dimensions();
   if (xd.size() != 4 || od.size() != 4 || kernel.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument("stem: x and out must be NHWC, the kernel a matrix");
   }
   const int64_t n = xd[0], h = xd[1], w = xd[2], cin = xd[3], cout = kernel.dimensions()[1];
   const int64_t hp = ((h - 1) / 2) / 2 + 1, wp = ((w - 1) / 2) / 2 + 1;
-  if (!IsMatrix(kernel, 9 * cin, cout) || !IsVector(bias, cout) || od[0] != n || od[1] != hp ||
-      od[2] != wp || od[3] != cout) {
-    return ffi::Error::InvalidArgument("stem: kernel, bias or output shape does not match x");
+  const ffi::AnyBuffer norm[4] = {gamma, beta, mean, var};
+  bool ok = IsMatrix(kernel, 9 * cin, cout) && od[0] == n && od[1] == hp && od[2] == wp &&
+            od[3] == cout;
+  for (const auto& b : norm) ok = ok && IsVector(b, cout);
+  if (!ok) {
+    return ffi::Error::InvalidArgument("stem: kernel, BatchNorm or output shape does not match x");
   }
-  const Pointwise conv(kernel, bias);
+  const Pointwise conv(kernel, Affine(norm, eps, cout));
   const int64_t band = 8;  // pooled rows per chunk: 17 convolution rows stay in the cache
   const int64_t bands = (hp + band - 1) / band;
   const float* xs = x.typed_data();
@@ -836,7 +881,7 @@ ffi::Error StemConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
     return ffi::Error::InvalidArgument("stem conv: kernel or output shape does not match x");
   }
   const std::vector<float> zeros(cout, 0.0f);
-  const Pointwise conv(Floats(kernel), zeros.data(), 9 * cin, cout);
+  const Pointwise conv(Floats(kernel), nullptr, zeros.data(), 9 * cin, cout);
   const int64_t band = 16;
   const int64_t bands = (hc + band - 1) / band;
   const float* xs = x.typed_data();
@@ -889,14 +934,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetStage, ShuffleStage,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("first_stride"));
+                                  .Attr<int64_t>("first_stride")
+                                  .Attr<float>("eps"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetStemPool, StemPool,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ShufflenetStemConv, StemConv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
