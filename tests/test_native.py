@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,21 @@ def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
     assert native.build_library() == first
     assert os.stat(first).st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_a_changed_shared_header_is_a_new_build(monkeypatch, tmp_path):
+    """vec.h is included by both sources: editing it must not load a library built before."""
+    monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path / "cache"))
+    csrc = Path(native.__file__).parent / "csrc"
+    copy = tmp_path / "csrc"
+    copy.mkdir()
+    for name in ("resample.cc", "vec.h"):
+        (copy / name).write_bytes((csrc / name).read_bytes())
+    first = native.build_library(copy / "resample.cc")
+    with open(copy / "vec.h", "a") as f:
+        f.write("// edited\n")
+    second = native.build_library(copy / "resample.cc")
+    assert second != first and first.exists() and second.exists()
 
 
 def _stem_then_depthwise(kernel, dw_kernel, x):

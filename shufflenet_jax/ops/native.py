@@ -76,7 +76,8 @@ def build_library(source_path: Path = _SOURCE) -> Path:
     """Compiles a csrc/ file (the kernels by default) unless a build of this exact source is
     cached; its path."""
     compiler = os.environ.get("CXX", "g++")
-    source = source_path.read_bytes()
+    headers = sorted(source_path.parent.glob("*.h"))  # the sources include them: in the key
+    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in headers)
     key = hashlib.sha256(
         source
         + jaxlib.__version__.encode()

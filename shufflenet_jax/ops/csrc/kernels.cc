@@ -31,42 +31,26 @@
 #include <utility>
 #include <vector>
 
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Vectors of kLanes floats, one machine register each: 16 with AVX-512, else 8 (AVX2's ymm;
-// two q registers with NEON). With 16-float vectors on AVX2, GCC assembled every load and
-// store through general registers and the stack: the stage kernel ran 4x slower than XLA.
+using namespace shufflenet;  // vec.h: kLanes-float vectors, one register each
+
 // The micro-kernel's accumulators (kRows x kVectors vectors) must fit the vector registers
 // with room for kVectors loads of b and one broadcast, or they spill on every step of k: 24
 // of AVX-512's 32 zmm and 12 of AVX2's 16 ymm registers; 24 of NEON's 32 q registers; 8 of
 // SSE's 16 xmm registers (two per vector) elsewhere.
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;
 constexpr int64_t kRows = 6, kVectors = 4;
 #elif defined(__AVX2__) || defined(__ARM_NEON)
-constexpr int kLanes = 8;
 constexpr int64_t kRows = 6, kVectors = 2;
 #else
-constexpr int kLanes = 8;
 constexpr int64_t kRows = 4, kVectors = 1;
 #endif
-
-typedef float Vec __attribute__((vector_size(4 * kLanes)));
-typedef int32_t IVec __attribute__((vector_size(4 * kLanes)));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-
-inline Vec Broadcast(float s) { return Vec{} + s; }
 
 // Runs body(chunk) for chunk in [0, chunks) on the calling thread and helpers from XLA's
 // intra-op pool. The caller claims chunks too, so it never waits for a helper that has not

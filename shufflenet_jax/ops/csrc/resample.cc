@@ -9,10 +9,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
+
+using namespace shufflenet;
 
 // Taps of output position i in [0, out): first input index and normalized weights, at most
 // `taps` each (Pillow's precompute_coeffs for a support-1 triangle filter).
@@ -48,26 +51,6 @@ Coefficients Compute(double start, double end, int64_t in_size, int64_t out) {
   return c;
 }
 
-// The horizontal taps as dense kTile-wide columns: tile t (outputs kTile*t ...) reads input
-// pixels [lo[t], hi[t]) and weights[offset[t] + (p - lo[t]) * kTile + lane] (zero where pixel
-// p is not one of output lane's taps), so the pass is kTile-wide multiply-adds per pixel.
-// One vector register of floats per tile: wider GCC vectors than the registers are assembled
-// through the stack (see kernels.cc).
-#if defined(__AVX512F__)
-constexpr int64_t kTile = 16;
-#else
-constexpr int64_t kTile = 8;
-#endif
-typedef float Vec __attribute__((vector_size(4 * kTile)));
-
-typedef int32_t IVec __attribute__((vector_size(4 * kTile)));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 // Rounded half up and clamped to [0, 255], as Pillow's passes round.
 inline IVec Round8(Vec v) {
   v += 0.5f;
@@ -76,6 +59,9 @@ inline IVec Round8(Vec v) {
   return __builtin_convertvector(v, IVec);  // truncation: the floor, for v >= 0
 }
 
+// The horizontal taps as dense kLanes-wide columns: tile t (outputs kLanes*t ...) reads input
+// pixels [lo[t], hi[t]) and weights[offset[t] + (p - lo[t]) * kLanes + lane] (zero where pixel
+// p is not one of output lane's taps), so the pass is one vector multiply-add per pixel.
 struct Tiles {
   std::vector<int64_t> lo, hi, offset;
   std::vector<float> weights;
@@ -83,18 +69,18 @@ struct Tiles {
 
 Tiles Densify(const Coefficients& c, int64_t out) {
   Tiles t;
-  for (int64_t x0 = 0; x0 < out; x0 += kTile) {
-    const int64_t x1 = std::min(x0 + kTile, out);
+  for (int64_t x0 = 0; x0 < out; x0 += kLanes) {
+    const int64_t x1 = std::min<int64_t>(x0 + kLanes, out);
     int64_t lo = c.first[x0], hi = lo;
     for (int64_t x = x0; x < x1; ++x) hi = std::max(hi, c.first[x] + c.count[x]);
     t.lo.push_back(lo);
     t.hi.push_back(hi);
     t.offset.push_back(t.weights.size());
-    t.weights.resize(t.weights.size() + (hi - lo) * kTile, 0.0f);
+    t.weights.resize(t.weights.size() + (hi - lo) * kLanes, 0.0f);
     float* w = t.weights.data() + t.offset.back();
     for (int64_t x = x0; x < x1; ++x) {
       for (int64_t k = 0; k < c.count[x]; ++k) {
-        w[(c.first[x] + k - lo) * kTile + (x - x0)] = c.weights[x * c.taps + k];
+        w[(c.first[x] + k - lo) * kLanes + (x - x0)] = c.weights[x * c.taps + k];
       }
     }
   }
@@ -131,14 +117,14 @@ extern "C" int ShufflenetResizeRgb(const uint8_t* src, int64_t height, int64_t w
       for (int64_t j = 0; j < n; ++j) acc[j] += w * in[j];
     }
     uint8_t* row = dst + y * out_w * 3;
-    for (size_t t = 0; t < tiles.lo.size(); ++t) {  // horizontal: kTile outputs at a time
+    for (size_t t = 0; t < tiles.lo.size(); ++t) {  // horizontal: kLanes outputs at a time
       // Two sets of sums, pixels p and p + 1: the adds' latency, not their count, bounds this.
       Vec r0 = {}, g0 = {}, b0 = {}, r1 = {}, g1 = {}, b1 = {};
       const float* w = tiles.weights.data() + tiles.offset[t];
       const float* px = acc + (tiles.lo[t] - c0) * 3;
       int64_t p = tiles.lo[t];
-      for (; p + 1 < tiles.hi[t]; p += 2, w += 2 * kTile, px += 6) {
-        const Vec w0 = Load(w), w1 = Load(w + kTile);
+      for (; p + 1 < tiles.hi[t]; p += 2, w += 2 * kLanes, px += 6) {
+        const Vec w0 = Load(w), w1 = Load(w + kLanes);
         r0 += w0 * px[0], g0 += w0 * px[1], b0 += w0 * px[2];
         r1 += w1 * px[3], g1 += w1 * px[4], b1 += w1 * px[5];
       }
@@ -147,7 +133,7 @@ extern "C" int ShufflenetResizeRgb(const uint8_t* src, int64_t height, int64_t w
         r0 += w0 * px[0], g0 += w0 * px[1], b0 += w0 * px[2];
       }
       const IVec ri = Round8(r0 + r1), gi = Round8(g0 + g1), bi = Round8(b0 + b1);
-      const int64_t first = t * kTile, lanes = std::min(kTile, out_w - first);
+      const int64_t first = t * kLanes, lanes = std::min<int64_t>(kLanes, out_w - first);
       for (int64_t l = 0; l < lanes; ++l) {
         uint8_t* out = row + (flip ? out_w - 1 - first - l : first + l) * 3;
         out[0] = static_cast<uint8_t>(ri[l]);
