@@ -151,6 +151,25 @@ def test_default_implementations_compute_the_reference_network_in_eval_mode(widt
         assert err <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(want)))), (name, err)
 
 
+def test_a_stage_whose_batchnorms_differ_in_eps_runs_through_xla_with_each_eps():
+    """The fused C++ call takes one eps per call: a stage mixing epsilons must still compute
+    each BatchNorm with its own (through XLA's layers), not fail or use another's."""
+    values = random_values(abstract_model(0.5, 10), seed=0)
+    fast = with_values(abstract_model(0.5, 10), values)
+    ref = with_values(abstract_model(0.5, 10, **REFERENCE_IMPLS), values)
+    for m in (fast, ref):
+        m.stage3.layers[1].branch2.layers[1].epsilon = 0.5  # large enough to matter
+        m.eval()
+    x = jax.random.normal(jax.random.key(4), (2, 48, 40, 3))
+    f = nnx.jit(lambda m, x: m.stages(x))
+    got, want = f(fast, x), f(ref, x)
+    for name in ("stage3", "fc"):  # bound as in the eval-mode comparison above
+        err = float(jnp.max(jnp.abs(got[name] - want[name])))
+        assert err <= 1e-4 * max(1.0, float(jnp.max(jnp.abs(want[name])))), (name, err)
+    hlo = jax.jit(lambda x: nnx.merge(*nnx.split(fast))(x)).lower(x).as_text()
+    assert hlo.count("shufflenet_stage") == 2  # stages 2 and 4 still fused
+
+
 def test_default_implementations_give_the_reference_outputs_and_gradients_in_train_mode():
     """Compared in float64: float32 train-mode gradients of a random ShuffleNet are too
     ill-conditioned to tell implementations apart (benchmarks/float32_conditioning.py)."""

@@ -121,27 +121,28 @@ class ShuffleUnit(nnx.Module):
         return self.shuffle(out, 2)
 
 
-def unit_weights(unit: ShuffleUnit) -> tuple[UnitWeights | DownUnitWeights, float]:
+def unit_weights(unit: ShuffleUnit) -> UnitWeights | DownUnitWeights:
     """An inference unit's kernels, each with its BatchNorm's buffers, as the fused stage reads
-    them (it folds them as it copies the kernels), and the BatchNorms' common eps."""
-    epsilons = set()
+    them (it folds them as it copies the kernels)."""
 
     def conv(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, ...]:
         k = conv.kernel[...]
-        buffers, eps = inference_norm(norm)
-        epsilons.add(eps)
-        return (k.reshape(-1, k.shape[-1]), *buffers)
+        return (k.reshape(-1, k.shape[-1]), *inference_norm(norm)[0])
 
     b2 = unit.branch2.layers
     weights = (*conv(b2[0], b2[1]), *conv(b2[3], b2[4]), *conv(b2[5], b2[6]))
     if unit.branch1 is None:
-        result = UnitWeights(*weights)
-    else:
-        b1 = unit.branch1.layers
-        result = DownUnitWeights(*weights, *conv(b1[0], b1[1]), *conv(b1[2], b1[3]))
-    if len(epsilons) != 1:
-        raise ValueError(f"a unit's BatchNorms have different epsilons {sorted(epsilons)}")
-    return result, epsilons.pop()
+        return UnitWeights(*weights)
+    b1 = unit.branch1.layers
+    return DownUnitWeights(*weights, *conv(b1[0], b1[1]), *conv(b1[2], b1[3]))
+
+
+def _norm_eps(module: nnx.Module) -> float | None:
+    """The eps that all of `module`'s inference norms share (0 for folded ones), or None if
+    they differ: one C++ call takes one (XLA's layers then compute the module)."""
+    norms = (m for _, m in nnx.iter_graph(module) if isinstance(m, BatchNorm | Bias))
+    epsilons = {inference_norm(m)[1] for m in norms}
+    return epsilons.pop() if len(epsilons) == 1 else None
 
 
 def _stage_layers(stage: nnx.Sequential, x: Array) -> Array:
@@ -149,10 +150,8 @@ def _stage_layers(stage: nnx.Sequential, x: Array) -> Array:
 
 
 def _stage_fused(stage: nnx.Sequential, x: Array) -> Array:
-    weights, epsilons = zip(*(unit_weights(unit) for unit in stage.layers), strict=True)
-    if len(set(epsilons)) != 1:
-        raise ValueError(f"a stage's BatchNorms have different epsilons {sorted(set(epsilons))}")
-    return ops.fused_stage(x, list(weights), epsilons[0], lambda: stage(x))
+    weights = [unit_weights(unit) for unit in stage.layers]
+    return ops.fused_stage(x, weights, _norm_eps(stage), lambda: stage(x))
 
 
 def _stem_layers(conv1: nnx.Sequential, image: Array) -> Array:

@@ -20,13 +20,14 @@ Array = jax.Array
 def fused_stage(
     x: Array,
     units: list[native.UnitWeights | native.DownUnitWeights],
-    eps: float,
+    eps: float | None,
     layers: Callable[[], Array],
 ) -> Array:
     """`native.shuffle_stage(x, units, eps)` when compiling for the CPU in float32 with the C++
-    kernels built; otherwise `layers()`, the same stage computed by XLA."""
+    kernels built and one eps for all BatchNorms (None: they differ); otherwise `layers()`,
+    the same stage computed by XLA."""
     flat = [a for unit in units for a in unit]
-    if not native_usable(x, *flat):
+    if eps is None or not native_usable(x, *flat):
         return layers()
     kinds = [type(unit) for unit in units]
 
