@@ -110,8 +110,7 @@ def resize_rates(split: ip.Split, count: int, repeats: int) -> dict[str, float]:
 
     def pillow():
         for image, box in zip(images, boxes, strict=True):
-            crop = image.resize((224, 224), Image.BILINEAR, box=box)
-            np.asarray(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+            resample.pillow_resized_crop(image, box, 224, True)
 
     rounds: dict[str, list[float]] = {"cpp": [], "pillow": []}
     for _ in range(max(repeats, 5)):

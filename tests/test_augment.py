@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from shufflenet_jax import ShuffleNetV2
@@ -104,3 +105,11 @@ def test_the_train_step_augments_uint8_batches_at_its_step_and_passes_float_ones
     )
     float_batch = {"image": augment.make_augment(0)(0, images), "label": labels}
     assert loss(with_augment, float_batch) == loss(plain, float_batch)
+    # without an augmentation, uint8 images are normalized as the eval step does, not fed raw.
+    # Not bit-equal: the normalization compiles into the step, rounding the inputs differently
+    # by an ulp, which a random net in training mode moves by 1e-4 (measured); raw 0-255
+    # pixels give a loss that differs in the first digits.
+    normalized = loss(plain, {"image": images, "label": labels})
+    assert normalized == pytest.approx(loss(plain, float_batch), rel=1e-3)
+    raw = loss(plain, {"image": images.astype(np.float32), "label": labels})
+    assert abs(raw - normalized) > 0.1 * normalized, (raw, normalized)

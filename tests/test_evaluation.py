@@ -103,7 +103,9 @@ def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_
     for batch in input_pipeline.eval_dataset(split, batch_size=64, transform=transform):
         with torch.no_grad():
             images = input_pipeline.standardize(
-                input_pipeline.to_unit(batch["image"]), transform.mean, transform.std
+                input_pipeline.to_unit(batch["image"]),
+                input_pipeline.IMAGENET_MEAN,
+                input_pipeline.IMAGENET_STD,
             )
             logits = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
         expected[batch["index"][batch["mask"]]] = logits.argmax(-1)[batch["mask"]]

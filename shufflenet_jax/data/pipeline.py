@@ -187,13 +187,12 @@ class TrainTransform:
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
-    """torchvision's ImageNet evaluation: Resize(resize_size), CenterCrop(image_size), normalize.
-    The eval stream sends `crop`'s uint8 and the eval step normalizes on the device."""
+    """torchvision's ImageNet evaluation: Resize(resize_size), CenterCrop(image_size), normalize
+    (ImageNet's mean and std). The eval stream sends `crop`'s uint8 and the eval step
+    normalizes on the device, with the same constants (`augment.standardize`)."""
 
     image_size: int = 224
     resize_size: int = 256
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
 
     def crop(self, image: Image.Image) -> np.ndarray:
         """The resized, center-cropped image, uint8 HWC."""
@@ -201,7 +200,7 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """The normalized float32 HWC image, as torchvision's transforms give it."""
-        return standardize(to_unit(self.crop(image)), self.mean, self.std)
+        return standardize(to_unit(self.crop(image)), IMAGENET_MEAN, IMAGENET_STD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,7 +370,7 @@ def eval_dataset(
     read_buffer_batches: int = 4,
 ) -> grain.IterDataset:
     """Per-process batches {"image": (B, S, S, 3) uint8, "label", "mask", "index"}, every
-    example exactly once; the eval step normalizes the images (`EvalTransform.mean`, `std`).
+    example exactly once; the eval step normalizes the images (`augment.standardize`).
 
     Every process yields `eval_num_batches(len(split), batch_size * process_count)` batches of
     `batch_size`; slots past the process's share have `mask == False` and `index == -1`. A

@@ -39,10 +39,7 @@ def resized_crop(image: Image.Image, box: Box, size: int, flip: bool) -> np.ndar
     (the C++ passes round once, Pillow's after each pass)."""
     resize = _resize_rgb()
     if resize is None:
-        crop = image.resize((size, size), Image.BILINEAR, box=box)
-        if flip:  # in Pillow: a flipped NumPy view would make batching copy element by element
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(crop)
+        return pillow_resized_crop(image, box, size, flip)
     pixels = np.asarray(image)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.strides[1:] != (3, 1):
         raise ValueError(f"resized_crop needs an RGB image, got mode {image.mode}")
@@ -52,3 +49,11 @@ def resized_crop(image: Image.Image, box: Box, size: int, flip: bool) -> np.ndar
     if resize(pixels.ctypes.data, *args) != 0:
         raise ValueError(f"crop box {box} is not inside the {width}x{height} image")
     return out
+
+
+def pillow_resized_crop(image: Image.Image, box: Box, size: int, flip: bool) -> np.ndarray:
+    """`resized_crop` by Pillow alone (where the C++ resize does not build, and to compare)."""
+    crop = image.resize((size, size), Image.BILINEAR, box=box)
+    if flip:  # in Pillow: a flipped NumPy view would make batching copy element by element
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(crop)

@@ -95,15 +95,16 @@ def make_train_step(
     Smoothed cross-entropy on integer labels in `dtype` (parameters and BatchNorm statistics
     stay float32, logits are float32 for bfloat16), BatchNorm in training mode, the optimizer
     update and, with `ema_decay` > 0, the EMA of the weights; metrics are the loss and top-1.
-    uint8 images go through `augment(step, images)` first (`data.augment.make_augment`).
+    uint8 images go through `augment(step, images)` first (`data.augment.make_augment`), or
+    without one are only normalized, as the eval step does.
     The state is donated. With `mesh` the batch is split over its `data` axis and the state
     replicated. `compiler_options` default to `train_compiler_options()`.
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         images = batch["image"]
-        if augment is not None and images.dtype == jnp.uint8:
-            images = augment(state.step, images)
+        if images.dtype == jnp.uint8:
+            images = standardize(images) if augment is None else augment(state.step, images)
 
         def loss_fn(params, batch_stats):
             compute = jax.tree.map(lambda p: p.astype(dtype), params)

@@ -476,11 +476,10 @@ void Depthwise(const float* __restrict in, int64_t in_cols, int64_t cp, int64_t 
   }
 }
 
-// A weight matrix (rows, cols) copied into (rows, RoundUp16(cols)) with zero columns; a
-// vector into RoundUp16 entries. Zero weights and biases keep the padding channels at zero.
-// rows x cols -> rows x RoundUp16(cols), column j multiplied by scale[j] when scale is given:
-// an eval-mode BatchNorm folded while the weights are copied (XLA would write a folded copy of
-// every kernel on each call first).
+// A weight matrix (rows, cols) copied into (rows, RoundUp16(cols)) with zero columns, column j
+// multiplied by scale[j] when a scale is given (an eval-mode BatchNorm folded as the weights
+// are copied; XLA would write a folded copy of every kernel on each call first); a vector
+// into RoundUp16 entries. Zero weights and biases keep the padding channels at zero.
 std::vector<float> PadColumns(const float* w, int64_t rows, int64_t cols,
                               const float* scale = nullptr) {
   const int64_t np = RoundUp16(cols);
@@ -529,13 +528,15 @@ struct Pointwise {
       : Pointwise(conv[0], Affine(conv + 1, eps, conv[0].dimensions()[1])) {}
 };
 
-struct DepthwiseWeights {  // a (9, C) kernel scaled per channel, its bias, padded to 16s
+// A (9, C) kernel scaled per channel by its BatchNorm (conv[1..4]), its bias, padded to 16s.
+struct DepthwiseWeights {
   std::vector<float> k, b;
-  DepthwiseWeights(const ffi::AnyBuffer& k_, const Affine& a)
-      : k(PadColumns(Floats(k_), 9, k_.dimensions()[1], a.scale.data())),
-        b(PadColumns(a.bias.data(), 1, k_.dimensions()[1])) {}
-  DepthwiseWeights(const ffi::AnyBuffer* conv, float eps)
-      : DepthwiseWeights(conv[0], Affine(conv + 1, eps, conv[0].dimensions()[1])) {}
+  DepthwiseWeights(const ffi::AnyBuffer* conv, float eps) {
+    const int64_t c = conv[0].dimensions()[1];
+    const Affine a(conv + 1, eps, c);
+    k = PadColumns(Floats(conv[0]), 9, c, a.scale.data());
+    b = PadColumns(a.bias.data(), 1, c);
+  }
 };
 
 struct UnitShape {
