@@ -7,9 +7,10 @@
 Writes `--images` photo-like JPEGs (500x375, quality 90, about ImageNet's median size and
 compression) into a temporary image folder and prepares it twice with the `image_folder`
 builder: as they are, and pre-resized (`--train_short_side`, shorter side `--short_side`).
-For each, single-threaded: full decode only, the host's train transform (decode at the size
-the crop needs, random-resized crop 224, flip, uint8 out; colour jitter and normalization run
-on the device), and the crop's resize alone, C++ against Pillow's, alternating. Then the
+For each, single-threaded and alternating: the host's train transform (decode at the size
+the crop needs and only where it reads, random-resized crop 224, flip, uint8 out; colour
+jitter and normalization run on the device), the same with Pillow's full decode, Pillow's
+decode alone, and the crop's resize alone, C++ against Pillow's. Then the
 train stream (grain) and the eval stream (resize 256, center crop 224, uint8) for reader
 settings of worker processes x threads. Last, the host-to-device copy of one batch as uint8
 and as float32, and the cores the train stream needs to feed `--feed` images/s at the
@@ -19,7 +20,6 @@ one-core rate. Each: a warm-up, then `--repeats` timed passes; the median.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -27,12 +27,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from PIL import Image
 
+from shufflenet_jax.data import jpeg, prepare, resample
 from shufflenet_jax.data import pipeline as ip
-from shufflenet_jax.data import prepare, resample
 from shufflenet_jax.process import setup_process
 
 SETTINGS = [(0, 0), (0, 4), (1, 0), (2, 0), (2, 4)]  # (worker processes, read threads)
@@ -68,30 +69,47 @@ def images_per_second(make_iter, batch: int, batches: int, repeats: int) -> floa
     return batch * batches / statistics.median(times)
 
 
+def alternating(fns: dict, count: int, repeats: int) -> dict[str, float]:
+    """Items/s of each of `fns` (each runs over `count` items), in alternating rounds: the
+    median per function and the median ratio of the first to each other, round by round."""
+    rounds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(repeats, 5)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            rounds[name].append(count / (time.perf_counter() - start))
+    first, *others = rounds
+    rates = {name: statistics.median(r) for name, r in rounds.items()}
+    for name in others:
+        ratios = [a / b for a, b in zip(rounds[first], rounds[name], strict=True)]
+        rates[f"ratio_{name}"] = statistics.median(ratios)
+    return rates
+
+
 def single_thread_rates(split: ip.Split, count: int, repeats: int) -> dict[str, float]:
-    """images/s of decode alone and of the host train transform, in this thread."""
+    """images/s, in this thread, of the host train transform (JPEGs read by the region
+    decoder), of the same with Pillow's full decode, and of Pillow's full decode alone."""
     transform = ip.TrainTransform(image_size=224)
     records = [split.source[i]["image"] for i in range(min(count, len(split)))]
     rng = np.random.default_rng(0)
 
-    def decode():
+    def host_transform():
+        for data in records:
+            transform(data, rng)
+
+    def pillow_decode_transform():
+        with mock.patch.object(jpeg, "size", lambda data: None):  # as without the C++ decoder
+            host_transform()
+
+    def decode_only():
         for data in records:
             ip.decode_image(data, "x")
 
-    def host_transform():
-        for data in records:
-            with Image.open(io.BytesIO(data)) as image:
-                transform(image, rng)
-
-    rates = {}
-    for name, fn in (("decode_only", decode), ("host_transform", host_transform)):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        rates[name] = len(records) / statistics.median(times)
-    return rates
+    fns = {
+        "host_transform": host_transform,
+        "host_transform_pillow_decode": pillow_decode_transform,
+    }
+    return alternating(fns | {"decode_only": decode_only}, len(records), repeats)
 
 
 def resize_rates(split: ip.Split, count: int, repeats: int) -> dict[str, float]:
@@ -103,24 +121,17 @@ def resize_rates(split: ip.Split, count: int, repeats: int) -> dict[str, float]:
     for image in images:
         left, top, w, h = ip.random_resized_crop_box(*image.size, (0.08, 1.0), (3 / 4, 4 / 3), rng)
         boxes.append((left, top, left + w, top + h))
+    arrays = [np.asarray(image) for image in images]
 
     def cpp():
-        for image, box in zip(images, boxes, strict=True):
-            resample.resized_crop(image, box, 224, True)
+        for pixels, box in zip(arrays, boxes, strict=True):
+            resample.resized_crop(pixels, box, 224, True)
 
     def pillow():
         for image, box in zip(images, boxes, strict=True):
             resample.pillow_resized_crop(image, box, 224, True)
 
-    rounds: dict[str, list[float]] = {"cpp": [], "pillow": []}
-    for _ in range(max(repeats, 5)):
-        for name, fn in (("cpp", cpp), ("pillow", pillow)):
-            start = time.perf_counter()
-            fn()
-            rounds[name].append(len(images) / (time.perf_counter() - start))
-    ratios = [a / b for a, b in zip(rounds["cpp"], rounds["pillow"], strict=True)]
-    rates = {name: statistics.median(r) for name, r in rounds.items()}
-    return rates | {"ratio": statistics.median(ratios)}
+    return alternating({"cpp": cpp, "pillow": pillow}, len(images), repeats)
 
 
 def copy_ms(batch: int, repeats: int) -> dict:
@@ -180,15 +191,17 @@ def measure(root: Path, data_dir: Path, args, **folder) -> dict:
     kb = sum(f.stat().st_size for f in files) / len(split) / 1024
     single = single_thread_rates(split, 256, args.repeats)
     print(
-        f"{folder or 'as written'} ({kb:.1f} KB per record): one thread: decode only "
-        f"{single['decode_only']:7.1f} img/s, host train transform "
-        f"{single['host_transform']:7.1f} img/s",
+        f"{folder or 'as written'} ({kb:.1f} KB per record): one thread: host train "
+        f"transform {single['host_transform']:7.1f} img/s, with Pillow's full decode "
+        f"{single['host_transform_pillow_decode']:7.1f} "
+        f"({single['ratio_host_transform_pillow_decode']:.2f}x, alternating rounds); "
+        f"Pillow's decode alone {single['decode_only']:7.1f} img/s",
         flush=True,
     )
     resize = resize_rates(split, 256, args.repeats)
     print(
         f"  crop resize alone: C++ {resize['cpp']:7.1f} crops/s, Pillow {resize['pillow']:7.1f} "
-        f"({resize['ratio']:.2f}x, alternating rounds)",
+        f"({resize['ratio_pillow']:.2f}x, alternating rounds)",
         flush=True,
     )
     rows = stream_rates(split, args.batch, args.batches, args.repeats)

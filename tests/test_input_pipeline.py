@@ -1,5 +1,6 @@
 """The grain input pipeline: transforms, sharding, determinism, iterator state, padding, errors."""
 
+import io
 import json
 import logging
 import subprocess
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shufflenet_jax.data import jpeg, prepare
 from shufflenet_jax.data import pipeline as ip
-from shufflenet_jax.data import prepare
 
 TRAIN = ip.TrainTransform(image_size=16, scale=(0.35, 1.0), flip=True)
 EVAL = ip.EvalTransform(image_size=16, resize_size=16)
@@ -234,13 +235,19 @@ def test_random_resized_crop_box_respects_bounds_scale_and_ratio():
     assert box == (0, 130, 30, 40)
 
 
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, quality=90)
+    return buffer.getvalue()
+
+
 def test_train_transform_flips_half_the_time_and_gives_uint8_crops():
     image = Image.fromarray(np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3))
     flat = ip.TrainTransform(image_size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=True)
-    plain = np.asarray(image)
+    plain, data = np.asarray(image), encoded(image)
     flips = 0
     for seed in range(40):
-        out = flat(image, np.random.default_rng(seed))
+        out = flat(data, np.random.default_rng(seed))
         assert out.dtype == np.uint8
         if np.array_equal(out, plain[:, ::-1]):
             flips += 1
@@ -249,17 +256,20 @@ def test_train_transform_flips_half_the_time_and_gives_uint8_crops():
     assert 10 <= flips <= 30
 
 
-def test_a_jpeg_is_decoded_at_the_size_its_crop_needs(tmp_path):
+def test_a_jpeg_is_decoded_at_the_size_its_crop_needs(tmp_path, monkeypatch):
     """A small crop of a large JPEG is read through DCT scaling (draft): the result is the same
     crop as from the full decode, to what a different resampling path allows."""
     path = tmp_path / "big.jpg"
     smooth_jpeg(path, 800, 600)
     transform = ip.TrainTransform(image_size=64, scale=(0.5, 0.5), ratio=(1.0, 1.0), flip=False)
-    with Image.open(path) as image:
-        drafted = transform(image, np.random.default_rng(3))
-        # a 490-pixel crop needs only 64: decoded at a quarter size, where it is 122 pixels
-        assert image.size == (200, 150)
-    full = ip.decode_image(path.read_bytes(), "big")  # decoded, so no draft applies
+    scales = []
+    decode_region = jpeg.decode_region
+    monkeypatch.setattr(
+        jpeg, "decode_region", lambda d, s, *a: scales.append(s) or decode_region(d, s, *a)
+    )
+    drafted = transform(path.read_bytes(), np.random.default_rng(3))
+    assert scales == [4]  # a 490-pixel crop needs only 64: decoded at a quarter, 122 pixels
+    full = encoded(ip.decode_image(path.read_bytes(), "big"))  # a PNG: no draft applies
     reference = transform(full, np.random.default_rng(3))
     assert drafted.shape == reference.shape == (64, 64, 3)
     assert np.abs(drafted.astype(int) - reference.astype(int)).mean() < 2.0

@@ -42,7 +42,7 @@ def test_the_crop_resize_matches_pillows_bilinear_to_one_intensity_level(box, si
     or weight (a one-pixel shift of these noisy images moves values by tens of levels)."""
     assert resample._resize_rgb() is not None, "the C++ resize must build on the test machines"
     image = photo()
-    ours = resample.resized_crop(image, box, size, flip)
+    ours = resample.resized_crop(np.asarray(image), box, size, flip)
     theirs = pillow(image, box, size, flip)
     assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
     difference = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
@@ -51,18 +51,31 @@ def test_the_crop_resize_matches_pillows_bilinear_to_one_intensity_level(box, si
 
 
 def test_an_integer_box_at_the_output_size_is_an_exact_copy():
-    image = photo(1)
+    image = np.asarray(photo(1))
     box = (37.0, 41.0, 261.0, 265.0)
-    expected = np.asarray(image)[41:265, 37:261]
+    expected = image[41:265, 37:261]
     np.testing.assert_array_equal(resample.resized_crop(image, box, 224, False), expected)
     np.testing.assert_array_equal(resample.resized_crop(image, box, 224, True), expected[:, ::-1])
 
 
 def test_a_box_outside_the_image_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"crop box .* is not inside the 500x375 image"):
-        resample.resized_crop(photo(), (0.0, 0.0, 501.0, 375.0), 224, False)
-    with pytest.raises(ValueError, match="needs an RGB image, got mode L"):
-        resample.resized_crop(photo().convert("L"), (0.0, 0.0, 10.0, 10.0), 8, False)
+        resample.resized_crop(np.asarray(photo()), (0.0, 0.0, 501.0, 375.0), 224, False)
+    with pytest.raises(ValueError, match=r"needs RGB uint8 pixels, got uint8 \(375, 500\)"):
+        resample.resized_crop(np.asarray(photo().convert("L")), (0.0, 0.0, 10.0, 10.0), 8, False)
+
+
+@pytest.mark.parametrize("box", BOXES)
+def test_a_window_holding_the_source_pixels_gives_the_whole_images_crop(box):
+    """What the JPEG region decoder hands over: the same taps and weights, so the same bytes."""
+    image = np.asarray(photo(2))
+    (r0, r1), (c0, c1) = resample.source_window(box, 224, image.shape[:2])
+    window = image[r0:r1, c0:c1]
+    whole = resample.resized_crop(image, box, 224, True)
+    part = resample.resized_crop(window, box, 224, True, origin=(r0, c0), shape=image.shape[:2])
+    np.testing.assert_array_equal(part, whole)
+    with pytest.raises(ValueError, match="lacks pixels that resizing box"):  # 2 rows: too few
+        resample.resized_crop(window[:2], box, 224, True, origin=(r0, c0), shape=image.shape[:2])
 
 
 def test_without_a_compiler_the_crop_is_pillows_with_a_warning(monkeypatch):
@@ -75,7 +88,7 @@ def test_without_a_compiler_the_crop_is_pillows_with_a_warning(monkeypatch):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             image, box = photo(), BOXES[1]
-            got = resample.resized_crop(image, box, 224, True)
+            got = resample.resized_crop(np.asarray(image), box, 224, True)
         np.testing.assert_array_equal(got, pillow(image, box, 224, True))
         assert any("C++ resize unavailable, using Pillow's" in str(w.message) for w in caught)
     finally:

@@ -28,8 +28,9 @@ from absl import flags
 from PIL import Image
 
 from shufflenet_jax.data import datasets as _registers_builders  # noqa: F401  (digits, image_folder)
+from shufflenet_jax.data import jpeg
 from shufflenet_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from shufflenet_jax.data.resample import resized_crop
+from shufflenet_jax.data.resample import resized_crop, source_window
 
 log = logging.getLogger(__name__)
 
@@ -160,29 +161,73 @@ def random_resized_crop_box(
 
 
 @dataclasses.dataclass(frozen=True)
+class _Sample:
+    """One training crop's random draws: the box (left, top, w, h) of a width x height image,
+    the flip, and the size a JPEG can be drafted to for it (None: decode at full size)."""
+
+    width: int
+    height: int
+    box: tuple[int, int, int, int]
+    flip: bool
+    draft: tuple[int, int] | None
+
+    def scaled_box(self, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The box on the image decoded at `shape` (height, width)."""
+        sx, sy = shape[1] / self.width, shape[0] / self.height
+        left, top, w, h = self.box
+        return (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainTransform:
     """The host's share of training augmentation: random-resized crop to `image_size` and
     horizontal flip, uint8 HWC out (colour jitter and normalization run on the device:
-    `augment.make_augment`). A JPEG is decoded only at the size the crop needs (DCT scaling);
-    the crop is resized as Pillow's BILINEAR does it, by `resample.resized_crop`."""
+    `augment.make_augment`). A JPEG is decoded only at the size the crop needs (DCT scaling)
+    and only where the crop reads (`jpeg.decode_region`, else Pillow's full decode: the same
+    pixels); the crop is resized as Pillow's BILINEAR does it, by `resample.resized_crop`."""
 
     image_size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
-        """`image` as opened (a JPEG not yet decoded, so that it can be drafted smaller)."""
-        width, height = image.size
-        left, top, w, h = random_resized_crop_box(width, height, self.scale, self.ratio, rng)
-        k = self.image_size / min(w, h)  # the scale at which the crop is still image_size
-        if image.format == "JPEG" and k < 1:
-            image.draft("RGB", (math.ceil(width * k), math.ceil(height * k)))
-        sx, sy = image.size[0] / width, image.size[1] / height
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+        """The crop of the encoded image `data`; a decoding error propagates (the caller
+        names the record)."""
+        size = jpeg.size(data)  # None: not a JPEG, or no C++ decoder here
+        if size is None:
+            with Image.open(io.BytesIO(data)) as image:
+                return self._pillow_crop(image, self._sample(*image.size, rng))
+        sample = self._sample(*size, rng)
+        crop = self._jpeg_crop(data, sample)
+        if crop is None:  # libjpeg failed or warned: Pillow decodes it or names the problem
+            with Image.open(io.BytesIO(data)) as image:
+                return self._pillow_crop(image, sample)
+        return crop
+
+    def _sample(self, width: int, height: int, rng: np.random.Generator) -> _Sample:
+        box = random_resized_crop_box(width, height, self.scale, self.ratio, rng)
+        k = self.image_size / min(box[2:])  # the scale at which the crop is still image_size
+        draft = (math.ceil(width * k), math.ceil(height * k)) if k < 1 else None
+        return _Sample(width, height, box, self.flip and rng.random() < 0.5, draft)
+
+    def _jpeg_crop(self, data: bytes, sample: _Sample) -> np.ndarray | None:
+        scale = jpeg.draft_scale(sample.width, sample.height, sample.draft) if sample.draft else 1
+        shape = (-(-sample.height // scale), -(-sample.width // scale))
+        box = sample.scaled_box(shape)
+        rows, cols = source_window(box, self.image_size, shape)
+        region = jpeg.decode_region(data, scale, rows, cols)
+        if region is None:
+            return None
+        pixels, first = region
+        return resized_crop(pixels, box, self.image_size, sample.flip, (rows[0], first), shape)
+
+    def _pillow_crop(self, image: Image.Image, sample: _Sample) -> np.ndarray:
+        if image.format == "JPEG" and sample.draft:
+            image.draft("RGB", sample.draft)
+        box = sample.scaled_box(image.size[::-1])
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        flip = self.flip and rng.random() < 0.5
-        return resized_crop(rgb, box, self.image_size, flip)
+        return resized_crop(np.asarray(rgb), box, self.image_size, sample.flip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,8 +273,8 @@ class _TrainElement:
         index, record = item
         name, data = self.split.record_name(index, record), record["image"]
         try:
-            with _decoding(data, name), Image.open(io.BytesIO(data)) as image:
-                crop = self.transform(image, rng)
+            with _decoding(data, name):
+                crop = self.transform(data, rng)
         except CorruptImageError as e:
             if not self.skip_corrupt:
                 raise

@@ -72,9 +72,9 @@ def _cpu_model() -> str:
     return "".join(names[:2]) or platform.processor()
 
 
-def build_library(source_path: Path = _SOURCE) -> Path:
-    """Compiles a csrc/ file (the kernels by default) unless a build of this exact source is
-    cached; its path."""
+def build_library(source_path: Path = _SOURCE, libraries: tuple[str, ...] = ()) -> Path:
+    """Compiles a csrc/ file (the kernels by default), linked with the system `libraries`
+    (`-l` names), unless a build of this exact source is cached; its path."""
     compiler = os.environ.get("CXX", "g++")
     headers = sorted(source_path.parent.glob("*.h"))  # the sources include them: in the key
     source = source_path.read_bytes() + b"".join(h.read_bytes() for h in headers)
@@ -82,7 +82,7 @@ def build_library(source_path: Path = _SOURCE) -> Path:
         source
         + jaxlib.__version__.encode()
         + compiler.encode()
-        + " ".join((*_FLAGS, _march())).encode()
+        + " ".join((*_FLAGS, _march(), *libraries)).encode()
         + _cpu_model().encode()  # -march=native: a shared cache must not mix CPU models
     ).hexdigest()[:16]
     cache = _cache_dir()
@@ -98,7 +98,7 @@ def build_library(source_path: Path = _SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [compiler, *_FLAGS, f"-march={_march()}", "-isystem", jax.ffi.include_dir()]
-    cmd += [str(source_path), "-o", tmp]
+    cmd += [str(source_path), "-o", tmp, *(f"-l{name}" for name in libraries)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         os.unlink(tmp)

@@ -90,11 +90,14 @@ Tiles Densify(const Coefficients& c, int64_t out) {
 
 }  // namespace
 
-// src: height x width RGB rows `stride` bytes apart. Resamples the box [x0, x1) x [y0, y1)
+// src: a window of `rows` x `cols` RGB pixels, rows `stride` bytes apart, whose first pixel is
+// pixel (row0, col0) of a height x width image. Resamples the image's box [x0, x1) x [y0, y1)
 // (floats, as Pillow's) to out_h x out_w, mirrored left-right when `flip`, into dst (out_h x
-// out_w x 3, contiguous). Returns 0, or -1 for a box outside the image or an empty size.
-extern "C" int ShufflenetResizeRgb(const uint8_t* src, int64_t height, int64_t width,
-                                   int64_t stride, double x0, double y0, double x1, double y1,
+// out_w x 3, contiguous). Returns 0, -1 for a box outside the image or an empty size, -2 for a
+// window that lacks pixels the box's filter reads.
+extern "C" int ShufflenetResizeRgb(const uint8_t* src, int64_t rows, int64_t cols,
+                                   int64_t stride, int64_t row0, int64_t col0, int64_t height,
+                                   int64_t width, double x0, double y0, double x1, double y1,
                                    int64_t out_h, int64_t out_w, int flip, uint8_t* dst) {
   const double slack = 1e-6;  // a box scaled with a drafted JPEG may end a rounding past it
   if (out_h <= 0 || out_w <= 0 || x0 < -slack || y0 < -slack || x1 > width + slack ||
@@ -103,6 +106,11 @@ extern "C" int ShufflenetResizeRgb(const uint8_t* src, int64_t height, int64_t w
   }
   const Coefficients v = Compute(y0, y1, height, out_h);
   const Coefficients h = Compute(x0, x1, width, out_w);
+  // first + count never decreases along an axis: the first and last outputs bound the taps
+  if (v.first.front() < row0 || v.first.back() + v.count.back() > row0 + rows ||
+      h.first.front() < col0 || h.first.back() + h.count.back() > col0 + cols) {
+    return -2;
+  }
   const Tiles tiles = Densify(h, out_w);
   const int64_t c0 = h.first.front();
   const int64_t n = (h.first.back() + h.count.back() - c0) * 3;  // values per input row used
@@ -113,7 +121,7 @@ extern "C" int ShufflenetResizeRgb(const uint8_t* src, int64_t height, int64_t w
     std::fill(acc, acc + n, 0.0f);
     for (int64_t k = 0; k < v.count[y]; ++k) {  // vertical: along the row
       const float w = v.weights[y * v.taps + k];
-      const uint8_t* __restrict in = src + (v.first[y] + k) * stride + c0 * 3;
+      const uint8_t* __restrict in = src + (v.first[y] + k - row0) * stride + (c0 - col0) * 3;
       for (int64_t j = 0; j < n; ++j) acc[j] += w * in[j];
     }
     uint8_t* row = dst + y * out_w * 3;
