@@ -26,6 +26,9 @@ inline Vec Load(const float* p) {
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
-inline Vec Broadcast(float s) { return Vec{} + s; }
+// s - 0.0f is s for every s, so this folds to one broadcast (from memory where s was loaded);
+// `Vec{} + s` must add 0.0f first (-0.0f + 0.0f is +0.0f): a scalar add and a register
+// broadcast per use, in the matmul's innermost loop.
+inline Vec Broadcast(float s) { return s - Vec{}; }
 
 }  // namespace shufflenet
