@@ -387,7 +387,9 @@ constexpr IVec InterleaveMask(std::integer_sequence<int, I...>, int half) {
 constexpr IVec kInterleaveLow = InterleaveMask(std::make_integer_sequence<int, kLanes>{}, 0);
 constexpr IVec kInterleaveHigh = InterleaveMask(std::make_integer_sequence<int, kLanes>{}, 1);
 
-inline int64_t RoundUp16(int64_t n) { return (n + 15) / 16 * 16; }
+// Channels padded to whole vectors (16 floats with AVX-512, 8 with AVX2): the 24-channel
+// stem is 24 on AVX2, not 32.
+inline int64_t RoundUpLanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // c_r[0:kLanes*NV] = act(a[r, 0:k] @ b[0:k, 0:kLanes*NV] + bias) for r < MR; rows of a and b are
 // lda and ldb apart, c_r = c(r). The accumulators stay in registers for the whole of k.
@@ -428,7 +430,8 @@ void MicroColumns(int64_t nv, const float* a, int64_t lda, const float* b, int64
 }
 
 // Output row m, columns j.. of act(a[m, 0:k] @ b + bias) go to out(m) + j, for m < rows; b is
-// (k, np) with np a multiple of 16 (zero columns past the real outputs), bias has np entries.
+// (k, np) with np a multiple of kLanes (zero columns past the real outputs), bias has np
+// entries.
 template <typename RowPtr>
 void Matmul(const float* a, int64_t lda, int64_t rows, int64_t k, const float* b, int64_t np,
             const float* bias, bool relu, const RowPtr& out) {
@@ -495,13 +498,13 @@ void Depthwise(const float* __restrict in, int64_t in_cols, int64_t cp, int64_t 
   }
 }
 
-// A weight matrix (rows, cols) copied into (rows, RoundUp16(cols)) with zero columns, column j
-// multiplied by scale[j] when a scale is given (an eval-mode BatchNorm folded as the weights
-// are copied; XLA would write a folded copy of every kernel on each call first); a vector
-// into RoundUp16 entries. Zero weights and biases keep the padding channels at zero.
+// A weight matrix (rows, cols) copied into (rows, RoundUpLanes(cols)) with zero columns,
+// column j multiplied by scale[j] when a scale is given (an eval-mode BatchNorm folded as the
+// weights are copied; XLA would write a folded copy of every kernel on each call first); a
+// vector into RoundUpLanes entries. Zero weights and biases keep the padding channels at zero.
 std::vector<float> PadColumns(const float* w, int64_t rows, int64_t cols,
                               const float* scale = nullptr) {
-  const int64_t np = RoundUp16(cols);
+  const int64_t np = RoundUpLanes(cols);
   std::vector<float> out(rows * np, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     float* dst = out.data() + r * np;
@@ -533,7 +536,7 @@ struct Affine {
 };
 
 // A 1x1 convolution (C_in, C_out), its columns scaled (a folded BatchNorm; none: 1), with
-// bias, columns padded to 16s.
+// bias, columns padded to whole vectors.
 struct Pointwise {
   std::vector<float> w, b;
   int64_t k;
@@ -547,7 +550,7 @@ struct Pointwise {
       : Pointwise(conv[0], Affine(conv + 1, eps, conv[0].dimensions()[1])) {}
 };
 
-// A (9, C) kernel scaled per channel by its BatchNorm (conv[1..4]), its bias, padded to 16s.
+// A (9, C) kernel scaled per channel by its BatchNorm (conv[1..4]), its bias, padded to whole vectors.
 struct DepthwiseWeights {
   std::vector<float> k, b;
   DepthwiseWeights(const ffi::AnyBuffer* conv, float eps) {
@@ -601,7 +604,7 @@ struct Unit {
 // Output rows [r0, r1) of one image of the unit: image is (h, w, c), out (ho, wo, 2 * half).
 void UnitRows(const Unit& unit, const float* image, int64_t r0, int64_t r1, float* out) {
   const UnitShape& u = unit.u;
-  const int64_t hp = RoundUp16(u.half), cp = RoundUp16(u.c);
+  const int64_t hp = RoundUpLanes(u.half), cp = RoundUpLanes(u.c);
   const int64_t rows_in = u.s * (r1 - 1 - r0) + 3, m = (r1 - r0) * u.wo;
   thread_local std::vector<float> buffers[5];
   float* a = Scratch(buffers[0], rows_in * (u.w + 2) * hp);
@@ -747,7 +750,7 @@ void ConvRows(const float* image, int64_t h, int64_t w, int64_t cin, const Point
 void StemRows(const float* image, int64_t h, int64_t w, int64_t cin, const Pointwise& conv,
               int64_t cout, int64_t p0, int64_t p1, float* out) {
   const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, wp = (wc - 1) / 2 + 1;
-  const int64_t cp = RoundUp16(cout);
+  const int64_t cp = RoundUpLanes(cout);
   const int64_t c0 = std::max<int64_t>(0, 2 * p0 - 1), c1 = std::min<int64_t>(hc, 2 * p1);
   thread_local std::vector<float> conv_buf;
   float* rows = Scratch(conv_buf, (c1 - c0) * wc * cp);
@@ -879,7 +882,7 @@ ffi::Error StemConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
     return ffi::Error::InvalidArgument("stem conv: x and out must be NHWC, the kernel a matrix");
   }
   const int64_t n = xd[0], h = xd[1], w = xd[2], cin = xd[3], cout = kernel.dimensions()[1];
-  const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, cp = RoundUp16(cout);
+  const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, cp = RoundUpLanes(cout);
   if (!IsMatrix(kernel, 9 * cin, cout) || od[0] != n || od[1] != hc || od[2] != wc ||
       od[3] != cout) {
     return ffi::Error::InvalidArgument("stem conv: kernel or output shape does not match x");
