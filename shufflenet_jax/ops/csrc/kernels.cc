@@ -391,22 +391,28 @@ constexpr IVec kInterleaveHigh = InterleaveMask(std::make_integer_sequence<int, 
 // stem is 24 on AVX2, not 32.
 inline int64_t RoundUpLanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// c_r[0:kLanes*NV] = act(a[r, 0:k] @ b[0:k, 0:kLanes*NV] + bias) for r < MR; rows of a and b are
-// lda and ldb apart, c_r = c(r). The accumulators stay in registers for the whole of k.
-template <int MR, int NV, typename RowOut>
-void MicroKernel(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
+// c_r[0:kLanes*NV] = act(sum_s a[s][r, 0:k] @ b[s*k:(s+1)*k, 0:kLanes*NV] + bias) for r < MR:
+// S row segments of the left operand, each from its own matrix (rows lda apart), against
+// consecutive row blocks of b (rows ldb apart); c_r = c(r). The accumulators stay in
+// registers for the whole of S * k.
+template <int MR, int NV, int S, typename RowOut>
+void MicroKernel(const float* const* a, int64_t lda, const float* __restrict b, int64_t ldb,
                  int64_t k, const float* __restrict bias, bool relu, const RowOut& c) {
   Vec acc[MR][NV];
   for (int v = 0; v < NV; ++v) {
     const Vec bv = Load(bias + kLanes * v);
     for (int r = 0; r < MR; ++r) acc[r][v] = bv;
   }
-  for (int64_t p = 0; p < k; ++p) {
-    Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Load(b + p * ldb + kLanes * v);
-    for (int r = 0; r < MR; ++r) {
-      const Vec av = Broadcast(a[r * lda + p]);
-      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+  for (int s = 0; s < S; ++s) {
+    const float* __restrict as = a[s];
+    const float* __restrict bs = b + s * k * ldb;
+    for (int64_t p = 0; p < k; ++p) {
+      Vec bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = Load(bs + p * ldb + kLanes * v);
+      for (int r = 0; r < MR; ++r) {
+        const Vec av = Broadcast(as[r * lda + p]);
+        for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+      }
     }
   }
   const Vec zero{};
@@ -418,38 +424,47 @@ void MicroKernel(const float* __restrict a, int64_t lda, const float* __restrict
   }
 }
 
-template <int MR, typename RowOut>
-void MicroColumns(int64_t nv, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k,
-                  const float* bias, bool relu, const RowOut& c) {
+template <int MR, int S, typename RowOut>
+void MicroColumns(int64_t nv, const float* const* a, int64_t lda, const float* b, int64_t ldb,
+                  int64_t k, const float* bias, bool relu, const RowOut& c) {
   switch (std::min<int64_t>(nv, kVectors)) {  // only widths up to kVectors are instantiated
-    case 1: return MicroKernel<MR, 1>(a, lda, b, ldb, k, bias, relu, c);
-    case 2: return MicroKernel<MR, (kVectors < 2 ? 1 : 2)>(a, lda, b, ldb, k, bias, relu, c);
-    case 3: return MicroKernel<MR, (kVectors < 3 ? 1 : 3)>(a, lda, b, ldb, k, bias, relu, c);
-    default: return MicroKernel<MR, kVectors>(a, lda, b, ldb, k, bias, relu, c);
+    case 1: return MicroKernel<MR, 1, S>(a, lda, b, ldb, k, bias, relu, c);
+    case 2: return MicroKernel<MR, (kVectors < 2 ? 1 : 2), S>(a, lda, b, ldb, k, bias, relu, c);
+    case 3: return MicroKernel<MR, (kVectors < 3 ? 1 : 3), S>(a, lda, b, ldb, k, bias, relu, c);
+    default: return MicroKernel<MR, kVectors, S>(a, lda, b, ldb, k, bias, relu, c);
   }
 }
 
-// Output row m, columns j.. of act(a[m, 0:k] @ b + bias) go to out(m) + j, for m < rows; b is
-// (k, np) with np a multiple of kLanes (zero columns past the real outputs), bias has np
-// entries.
-template <typename RowPtr>
-void Matmul(const float* a, int64_t lda, int64_t rows, int64_t k, const float* b, int64_t np,
-            const float* bias, bool relu, const RowPtr& out) {
+// Output row m, columns j.. of act(sum_s a[s][m, 0:k] @ b[s*k:(s+1)*k] + bias) go to
+// out(m) + j, for m < rows; b is (S * k, np) with np a multiple of kLanes (zero columns past
+// the real outputs), bias has np entries.
+template <int S, typename RowPtr>
+void MatmulSegments(const std::array<const float*, S>& a, int64_t lda, int64_t rows, int64_t k,
+                    const float* b, int64_t np, const float* bias, bool relu, const RowPtr& out) {
   for (int64_t j = 0; j < np; j += kLanes * kVectors) {
     const int64_t nv = std::min<int64_t>(kVectors, (np - j) / kLanes);
     for (int64_t i = 0; i < rows; i += kRows) {
-      const float* ai = a + i * lda;
+      std::array<const float*, S> ai;
+      for (int s = 0; s < S; ++s) ai[s] = a[s] + i * lda;
       auto c = [&](int64_t r) { return out(i + r) + j; };
+      const float* const* ap = ai.data();
       switch (std::min<int64_t>(kRows, rows - i)) {
-        case 1: MicroColumns<1>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
-        case 2: MicroColumns<2>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
-        case 3: MicroColumns<3>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
-        case 4: MicroColumns<4>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
-        case 5: MicroColumns<5>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
-        default: MicroColumns<6>(nv, ai, lda, b + j, np, k, bias + j, relu, c); break;
+        case 1: MicroColumns<1, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        case 2: MicroColumns<2, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        case 3: MicroColumns<3, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        case 4: MicroColumns<4, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        case 5: MicroColumns<5, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        default: MicroColumns<6, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
       }
     }
   }
+}
+
+// Output row m, columns j.. of act(a[m, 0:k] @ b + bias) go to out(m) + j (MatmulSegments, S 1).
+template <typename RowPtr>
+void Matmul(const float* a, int64_t lda, int64_t rows, int64_t k, const float* b, int64_t np,
+            const float* bias, bool relu, const RowPtr& out) {
+  MatmulSegments<1>({a}, lda, rows, k, b, np, bias, relu, out);
 }
 
 // Dense output rows ld apart.
@@ -699,50 +714,39 @@ void StageInfer(ffi::ThreadPool& pool, const std::vector<Unit>& units, int64_t n
 }
 
 // ---------------------------------------------------------------------------------------------
-// The stem's 3x3 stride-2 convolution (the training forward pass, patches of each row through the
+// The stem's 3x3 stride-2 convolution (the training forward pass, each output row through the
 // matmul kernel instead of XLA's 27 multiply-adds over a padded copy of the input) and, for
 // inference with BatchNorm folded, max_pool_3x3_s2(relu(conv_3x3_s2(x) + bias)),
 // both padded by 1. Each band of pooled rows computes the convolution rows it needs (one matmul
-// per row over the 3x3xC_in patches) and pools them while they are in the cache; XLA writes and
+// per row over its three input rows) and pools them while they are in the cache; XLA writes and
 // re-reads the 4x larger convolution output.
 
-// dst[col * k + t] = padded[2 * col * cin + t] for t < 3 * cin: one kernel row's inputs of
-// each output column of a stride-2 convolution (CIN > 0 fixes cin at compile time).
-template <int CIN = 0>
-void Patches(const float* padded, int64_t wc, float* dst, int64_t k, int64_t cin = CIN) {
-  const int64_t n = 3 * (CIN > 0 ? CIN : cin);
-  for (int64_t col = 0; col < wc; ++col) {
-    const float* src = padded + 2 * col * (CIN > 0 ? CIN : cin);
-    for (int64_t t = 0; t < n; ++t) dst[col * k + t] = src[t];
-  }
-}
-
 // Rows [c0, c1) of act(conv_3x3_s2(image) + bias) (padding 1) into rows, (c1 - c0, wc, cp).
+// Output column col of kernel row i reads 3 * C_in contiguous values of input row 2r + i - 1
+// from (2 col - 1) * C_in: the three padded input rows, 2 * C_in apart per column, are the
+// matmul's three left-operand segments, with no patches copied.
 void ConvRows(const float* image, int64_t h, int64_t w, int64_t cin, const Pointwise& conv,
               bool relu, int64_t c0, int64_t c1, float* rows) {
-  const int64_t wc = (w - 1) / 2 + 1, k = 9 * cin, cp = conv.w.size() / k;
-  thread_local std::vector<float> patch_buf, row_buf;
-  float* patches = Scratch(patch_buf, wc * k);
-  float* padded = Scratch(row_buf, (2 * wc + 1) * cin);  // an input row, zero at both ends
-  std::fill(padded, padded + cin, 0.0f);
-  std::fill(padded + (w + 1) * cin, padded + (2 * wc + 1) * cin, 0.0f);
+  const int64_t wc = (w - 1) / 2 + 1, k = 3 * cin, cp = conv.w.size() / (9 * cin);
+  const int64_t width = (2 * wc + 1) * cin;  // a padded input row, zero at both ends
+  thread_local std::vector<float> row_buf;
+  float* padded = Scratch(row_buf, 4 * width);  // three input rows and a zero row
+  std::fill(padded, padded + 4 * width, 0.0f);
+  const float* zero = padded + 3 * width;
   for (int64_t r = c0; r < c1; ++r) {
-    for (int64_t i = 0; i < 3; ++i) {  // kernel row i: 3 * C_in contiguous inputs per column
+    std::array<const float*, 3> a;
+    for (int64_t i = 0; i < 3; ++i) {  // input row hi in slot hi % 3: row r + 1 reuses 2r + 1
       const int64_t hi = 2 * r + i - 1;
-      float* dst = patches + 3 * i * cin;
       if (hi < 0 || hi >= h) {
-        for (int64_t col = 0; col < wc; ++col) std::fill(dst + col * k, dst + col * k + 3 * cin, 0.0f);
+        a[i] = zero;
         continue;
       }
-      std::copy(image + hi * w * cin, image + (hi + 1) * w * cin, padded + cin);
-      if (cin == 3) {
-        Patches<3>(padded, wc, dst, k);
-      } else {
-        Patches(padded, wc, dst, k, cin);
-      }
+      float* dst = padded + hi % 3 * width;
+      if (r == c0 || i > 0) std::copy(image + hi * w * cin, image + (hi + 1) * w * cin, dst + cin);
+      a[i] = dst;
     }
-    Matmul(patches, k, wc, k, conv.w.data(), cp, conv.b.data(), relu,
-           Rows{rows + (r - c0) * wc * cp, cp});
+    MatmulSegments<3>(a, 2 * cin, wc, k, conv.w.data(), cp, conv.b.data(), relu,
+                      Rows{rows + (r - c0) * wc * cp, cp});
   }
 }
 
