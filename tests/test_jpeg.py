@@ -80,6 +80,22 @@ def test_train_crops_are_the_same_with_and_without_the_region_decoder(kind, monk
         np.testing.assert_array_equal(a, b)
 
 
+def test_tiny_and_restart_marker_jpegs_give_the_same_crops(monkeypatch):
+    """Images narrower than the margin or a block, and restart intervals in the scan."""
+    rng = np.random.default_rng(5)
+    images = []
+    for width, height in [(1, 1), (17, 1), (1, 40), (400, 300)]:
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90, restart_marker_rows=1)
+        images.append(buffer.getvalue())
+    transform = ip.TrainTransform(image_size=32)
+    ours = [transform(data, np.random.default_rng(0)) for data in images]
+    monkeypatch.setattr(jpeg, "size", lambda data: None)
+    for data, crop in zip(images, ours, strict=True):
+        np.testing.assert_array_equal(crop, transform(data, np.random.default_rng(0)))
+
+
 def test_draft_scale_is_the_one_pillow_picks():
     data = photo_jpeg(517, 389, KINDS[2])
     for request in [(517, 389), (300, 100), (129, 97), (130, 98), (65, 40), (60, 60), (10, 10)]:
