@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -194,6 +195,25 @@ def test_worker_processes_without_the_process_setup_are_a_clear_error(digits_dat
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode != 0
     assert "call shufflenet_jax.process.setup_process() first" in r.stderr, r.stderr[-2000:]
+
+
+def test_worker_processes_find_the_host_libraries_built(digits_data_dir, tmp_path):
+    """Built once by the process that starts the workers, not compiled again by each of them
+    on a cold cache (a second or more each)."""
+    code = (
+        "import os\n"
+        "from shufflenet_jax.process import setup_process\n"
+        "from shufflenet_jax.data import pipeline as ip\n"
+        "setup_process()\n"
+        f"s = ip.load_split('digits', 'train', r'{digits_data_dir}')\n"
+        "ip.train_dataset(s, batch_size=4, transform=ip.TrainTransform(16), seed=0, "
+        "worker_count=1)\n"
+        "print(*sorted(n.split('-')[0] for n in os.listdir(os.environ['SHUFFLENET_JAX_CACHE'])))\n"
+    )
+    env = {**os.environ, "SHUFFLENET_JAX_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"jpeg", "resample"} <= set(r.stdout.strip().splitlines()[-1].split())
 
 
 def test_train_and_eval_batches_have_documented_shapes_dtypes_and_ranges(train_split, test_split):

@@ -48,7 +48,7 @@ def test_a_decoded_region_has_the_pixels_of_pillows_full_decode(kind, reduce):
     """Exactly: libjpeg-turbo's integer DCT and upsampling give the same bytes on every SIMD
     path (its own tests check decoded checksums), and Pillow decodes with libjpeg-turbo too.
     Different bytes would mean a region's edge decoded without its neighbours."""
-    assert jpeg._library() is not None, "the C++ JPEG decoder must build on the test machines"
+    assert jpeg.available(), "the C++ JPEG decoder must build on the test machines"
     rng = np.random.default_rng(reduce)
     for trial in range(6):
         width, height = (int(v) for v in rng.integers(40, 520, 2))

@@ -33,6 +33,11 @@ def _library():
     return library
 
 
+def available() -> bool:
+    """Whether the C++ decoder builds and loads here (compiled once, then cached on disk)."""
+    return _library() is not None
+
+
 def size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's header; None for other formats, an unreadable header, or
     where the C++ decoder is unavailable."""

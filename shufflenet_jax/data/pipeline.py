@@ -28,9 +28,8 @@ from absl import flags
 from PIL import Image
 
 from shufflenet_jax.data import datasets as _registers_builders  # noqa: F401  (digits, image_folder)
-from shufflenet_jax.data import jpeg
+from shufflenet_jax.data import jpeg, resample
 from shufflenet_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from shufflenet_jax.data.resample import resized_crop, source_window
 
 log = logging.getLogger(__name__)
 
@@ -215,19 +214,20 @@ class TrainTransform:
         scale = jpeg.draft_scale(sample.width, sample.height, sample.draft) if sample.draft else 1
         shape = (-(-sample.height // scale), -(-sample.width // scale))
         box = sample.scaled_box(shape)
-        rows, cols = source_window(box, self.image_size, shape)
+        rows, cols = resample.source_window(box, self.image_size, shape)
         region = jpeg.decode_region(data, scale, rows, cols)
         if region is None:
             return None
         pixels, first = region
-        return resized_crop(pixels, box, self.image_size, sample.flip, (rows[0], first), shape)
+        origin = (rows[0], first)
+        return resample.resized_crop(pixels, box, self.image_size, sample.flip, origin, shape)
 
     def _pillow_crop(self, image: Image.Image, sample: _Sample) -> np.ndarray:
         if image.format == "JPEG" and sample.draft:
             image.draft("RGB", sample.draft)
         box = sample.scaled_box(image.size[::-1])
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return resized_crop(np.asarray(rgb), box, self.image_size, sample.flip)
+        return resample.resized_crop(np.asarray(rgb), box, self.image_size, sample.flip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +361,7 @@ def _finish(
                 "worker_count > 0 starts grain worker processes, which read absl's flags: "
                 "call shufflenet_jax.process.setup_process() first (train.py and eval.py do)"
             )
+        jpeg.available(), resample.available()  # built here once, not by every worker
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return it
 

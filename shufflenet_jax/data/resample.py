@@ -34,6 +34,11 @@ def _resize_rgb():
     return f
 
 
+def available() -> bool:
+    """Whether the C++ resize builds and loads here (compiled once, then cached on disk)."""
+    return _resize_rgb() is not None
+
+
 def source_window(box: Box, size: int, shape: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     """(rows, columns): the half-open ranges of an image of `shape` (height, width) that
     resizing `box` to size x size reads (a triangle filter of half-width max(1, downscale)
