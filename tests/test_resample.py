@@ -91,5 +91,11 @@ def test_without_a_compiler_the_crop_is_pillows_with_a_warning(monkeypatch):
             got = resample.resized_crop(np.asarray(image), box, 224, True)
         np.testing.assert_array_equal(got, pillow(image, box, 224, True))
         assert any("C++ resize unavailable, using Pillow's" in str(w.message) for w in caught)
+        # a window (the JPEG region decoder's) holds every tap: Pillow's taps are the same
+        pixels = np.asarray(image)
+        (r0, r1), (c0, c1) = resample.source_window(box, 224, pixels.shape[:2])
+        window = pixels[r0:r1, c0:c1]
+        part = resample.resized_crop(window, box, 224, True, (r0, c0), pixels.shape[:2])
+        np.testing.assert_array_equal(part, got)
     finally:
         resample._resize_rgb.cache_clear()
