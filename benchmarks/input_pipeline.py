@@ -108,8 +108,9 @@ def single_thread_rates(split: ip.Split, count: int, repeats: int) -> dict[str, 
     fns = {
         "host_transform": host_transform,
         "host_transform_pillow_decode": pillow_decode_transform,
+        "decode_only": decode_only,
     }
-    return alternating(fns | {"decode_only": decode_only}, len(records), repeats)
+    return alternating(fns, len(records), repeats)
 
 
 def resize_rates(split: ip.Split, count: int, repeats: int) -> dict[str, float]:

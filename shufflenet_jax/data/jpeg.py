@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,8 @@ _MAGIC = b"\xff\xd8"  # start of image
 @functools.cache
 def _library():
     """The C++ functions, or None (with one warning) where they do not build here."""
-    try:
-        library = ctypes.cdll.LoadLibrary(str(native.build_library(_SOURCE, ("jpeg",))))
-    except (native.NativeBuildError, OSError) as e:
-        warnings.warn(f"C++ JPEG decoder unavailable, using Pillow's: {e}", stacklevel=3)
+    library = native.load_optional(_SOURCE, "C++ JPEG decoder", ("jpeg",))
+    if library is None:
         return None
     i64, out = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
     library.ShufflenetJpegSize.argtypes = [ctypes.c_char_p, i64, out, out]

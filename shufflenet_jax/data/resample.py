@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,8 @@ Box = tuple[float, float, float, float]
 @functools.cache
 def _resize_rgb():
     """The C++ function, or None (with one warning) where the library does not build here."""
-    try:
-        library = ctypes.cdll.LoadLibrary(str(native.build_library(_SOURCE)))
-    except (native.NativeBuildError, OSError) as e:
-        warnings.warn(f"C++ resize unavailable, using Pillow's: {e}", stacklevel=3)
+    library = native.load_optional(_SOURCE, "C++ resize")
+    if library is None:
         return None
     f = library.ShufflenetResizeRgb
     i64, f64 = ctypes.c_int64, ctypes.c_double

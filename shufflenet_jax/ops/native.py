@@ -108,6 +108,18 @@ def build_library(source_path: Path = _SOURCE, libraries: tuple[str, ...] = ()) 
     return lib
 
 
+def load_optional(
+    source_path: Path, what: str, libraries: tuple[str, ...] = ()
+) -> ctypes.CDLL | None:
+    """`build_library(source_path, libraries)` loaded through ctypes, or None with one warning
+    (`what` unavailable, Pillow's used instead) where it does not build or load here."""
+    try:
+        return ctypes.cdll.LoadLibrary(str(build_library(source_path, libraries)))
+    except (NativeBuildError, OSError) as e:
+        warnings.warn(f"{what} unavailable, using Pillow's: {e}", stacklevel=4)
+        return None
+
+
 @functools.cache
 def _register() -> None:
     library = ctypes.cdll.LoadLibrary(str(build_library()))

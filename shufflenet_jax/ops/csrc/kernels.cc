@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -565,7 +564,8 @@ struct Pointwise {
       : Pointwise(conv[0], Affine(conv + 1, eps, conv[0].dimensions()[1])) {}
 };
 
-// A (9, C) kernel scaled per channel by its BatchNorm (conv[1..4]), its bias, padded to whole vectors.
+// A (9, C) kernel scaled per channel by its BatchNorm (conv[1..4]), its bias, padded to
+// whole vectors.
 struct DepthwiseWeights {
   std::vector<float> k, b;
   DepthwiseWeights(const ffi::AnyBuffer* conv, float eps) {
