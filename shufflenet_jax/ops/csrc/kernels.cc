@@ -51,6 +51,21 @@ constexpr int64_t kRows = 6, kVectors = 2;
 constexpr int64_t kRows = 4, kVectors = 1;
 #endif
 
+// Channels padded to multiples of kPad (vec.h): whole half vectors with AVX-512, whole vectors
+// elsewhere; the 24-channel stem stays 24, 116 channels become 120.
+inline int64_t RoundUpPad(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+
+// f(c, V{}) for vectors V of channels [c, c + kLanesOf<V>) covering cp, a multiple of kPad:
+// whole vectors, then a half vector where cp ends in one (AVX-512 only).
+template <typename F>
+void ForVectors(int64_t cp, F&& f) {
+  int64_t c = 0;
+  for (; c + kLanes <= cp; c += kLanes) f(c, Vec{});
+  if constexpr (kPad < kLanes) {
+    if (c < cp) f(c, Half{});
+  }
+}
+
 // Runs body(chunk) for chunk in [0, chunks) on the calling thread and helpers from XLA's
 // intra-op pool. The caller claims chunks too, so it never waits for a helper that has not
 // started; state is shared_ptr-owned because such a helper may start after this returns.
@@ -187,10 +202,9 @@ std::optional<ffi::Error> DenseGeometry(const ffi::Buffer<ffi::F32>& x,
 }
 
 // The taps (i, j) of output row h and column w that fall inside the input, as offsets into x.
-// KH, KW and CIN are compile-time when positive (the stem: 3, 3, 3), so loops over them unroll.
-template <int KH, int KW, int CIN, typename F>
+template <typename F>
 void ForEachTap(const Geometry& s, int64_t n, int64_t h, int64_t w, F&& f) {
-  const int64_t kh = KH > 0 ? KH : s.kh, kw = KW > 0 ? KW : s.kw, cin = CIN > 0 ? CIN : s.cin;
+  const int64_t kh = s.kh, kw = s.kw, cin = s.cin;
   for (int64_t i = 0; i < kh; ++i) {
     const int64_t hi = s.stride * h + i - s.pad;
     if (hi < 0 || hi >= s.h) continue;
@@ -206,7 +220,7 @@ void ForEachTap(const Geometry& s, int64_t n, int64_t h, int64_t w, F&& f) {
 // Output channels go in NB blocks of kLanes-float vectors, the gradient padded to NB * kLanes,
 // so each block is whole vector operations; run-time-length channel loops left most of the
 // 24-channel stem in scalar remainder code, slower than XLA.
-template <int NB, int KH, int KW, int CIN>
+template <int NB>
 void DenseGradImages(const float* __restrict x, const float* __restrict g, const Geometry& s,
                      int64_t n0, int64_t n1, double* __restrict acc) {
   const int64_t taps = s.kh * s.kw * s.cin;
@@ -219,7 +233,7 @@ void DenseGradImages(const float* __restrict x, const float* __restrict g, const
         const float* grad = g + ((n * s.ho + h) * s.wo + w) * s.cout;
         float* lanes = reinterpret_cast<float*>(gv);
         for (int64_t o = 0; o < s.cout; ++o) lanes[o] = grad[o];
-        ForEachTap<KH, KW, CIN>(s, n, h, w, [&](int64_t row, int64_t at) {
+        ForEachTap(s, n, h, w, [&](int64_t row, int64_t at) {
           const float v = x[at];
           Vec* r = row_sum.data() + row * NB;
           for (int b = 0; b < NB; ++b) r[b] += v * gv[b];
@@ -233,26 +247,55 @@ void DenseGradImages(const float* __restrict x, const float* __restrict g, const
   }
 }
 
-constexpr int kMaxDenseOutputs = 64;
-
-// f(NB, stem) with NB == blocks as a compile-time constant, for NB * kLanes up to 64 outputs.
-template <int NB, typename F, typename Stem>
-std::optional<ffi::Error> WithBlocks(int64_t blocks, F& f, Stem stem) {
-  if (blocks == NB) {
-    f(std::integral_constant<int, NB>{}, stem);
-    return std::nullopt;
+// The 3x3 kernel over 3 input channels (the stem), padding 1: for output row h and kernel
+// row i, the taps (j, c) of output column w are the 9 consecutive values of the padded input
+// row from 3 * s*w. A vector of output channels at a time sums them over the row in 9
+// registers (the taps of other kernels above sum in memory, slower: a load and a store each).
+void StemGradImages(const float* __restrict x, const float* __restrict g, const Geometry& s,
+                    int64_t n0, int64_t n1, double* __restrict acc) {
+  const int64_t cp = RoundUpPad(s.cout);
+  std::vector<float> grad(s.wo * cp, 0.0f), padded((s.w + 2) * 3, 0.0f), row_sum(27 * cp);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t h = 0; h < s.ho; ++h) {
+      const float* grow = g + (n * s.ho + h) * s.wo * s.cout;
+      for (int64_t w = 0; w < s.wo; ++w) {  // padding channels stay zero
+        std::copy(grow + w * s.cout, grow + (w + 1) * s.cout, grad.data() + w * cp);
+      }
+      std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+      for (int64_t i = 0; i < 3; ++i) {
+        const int64_t hi = s.stride * h + i - 1;
+        if (hi < 0 || hi >= s.h) continue;
+        const float* xrow = x + (n * s.h + hi) * s.w * 3;
+        std::copy(xrow, xrow + s.w * 3, padded.data() + 3);
+        ForVectors(cp, [&](int64_t c, auto lanes) {
+          using V = decltype(lanes);
+          V sum[9] = {};
+          for (int64_t w = 0; w < s.wo; ++w) {
+            const float* xv = padded.data() + 3 * s.stride * w;
+            const V gv = Load<V>(grad.data() + w * cp + c);
+            for (int q = 0; q < 9; ++q) sum[q] += Broadcast<V>(xv[q]) * gv;
+          }
+          for (int q = 0; q < 9; ++q) Store(row_sum.data() + (9 * i + q) * cp + c, sum[q]);
+        });
+      }
+      for (int64_t t = 0; t < 27; ++t) {
+        for (int64_t o = 0; o < s.cout; ++o) acc[t * s.cout + o] += row_sum[t * cp + o];
+      }
+    }
   }
-  if constexpr ((NB + 1) * kLanes <= kMaxDenseOutputs) return WithBlocks<NB + 1>(blocks, f, stem);
-  return ffi::Error::InvalidArgument("dense conv: 1 to 64 output channels supported");
 }
 
-// Calls f(NB, stem) with NB = kLanes-float blocks for cout and stem = whether the kernel is
-// 3x3 over 3 input channels (compile-time loops), both as integral constants.
-template <typename F>
-std::optional<ffi::Error> Dispatch(const Geometry& s, F&& f) {
-  const int64_t blocks = (s.cout + kLanes - 1) / kLanes;
-  if (s.kh == 3 && s.kw == 3 && s.cin == 3) return WithBlocks<1>(blocks, f, std::true_type{});
-  return WithBlocks<1>(blocks, f, std::false_type{});
+constexpr int kMaxDenseOutputs = 64;
+
+// f(NB) with NB == blocks as a compile-time constant, for NB * kLanes up to 64 outputs.
+template <int NB, typename F>
+std::optional<ffi::Error> WithBlocks(int64_t blocks, F& f) {
+  if (blocks == NB) {
+    f(std::integral_constant<int, NB>{});
+    return std::nullopt;
+  }
+  if constexpr ((NB + 1) * kLanes <= kMaxDenseOutputs) return WithBlocks<NB + 1>(blocks, f);
+  return ffi::Error::InvalidArgument("dense conv: 1 to 64 output channels supported");
 }
 
 ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
@@ -263,13 +306,21 @@ ffi::Error DenseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   const float* gp = g.typed_data();
   const int64_t size = s.kh * s.kw * s.cin * s.cout;
   std::vector<double> sums;
-  auto error = Dispatch(s, [&](auto nb, auto stem) {
-    constexpr int k = decltype(stem)::value ? 3 : 0;
+  auto general = [&](auto nb) {
     sums = ChunkedSums(pool, s.n, size, [&](int64_t n0, int64_t n1, double* acc) {
-      DenseGradImages<decltype(nb)::value, k, k, k>(xp, gp, s, n0, n1, acc);
+      DenseGradImages<decltype(nb)::value>(xp, gp, s, n0, n1, acc);
     });
-  });
-  if (error) return *error;
+  };
+  if (s.cout > kMaxDenseOutputs) {
+    return ffi::Error::InvalidArgument("dense conv: 1 to 64 output channels supported");
+  }
+  if (s.kh == 3 && s.kw == 3 && s.cin == 3) {
+    sums = ChunkedSums(pool, s.n, size, [&](int64_t n0, int64_t n1, double* acc) {
+      StemGradImages(xp, gp, s, n0, n1, acc);
+    });
+  } else if (auto error = WithBlocks<1>((s.cout + kLanes - 1) / kLanes, general)) {
+    return *error;
+  }
   StoreFloat(sums, dk->typed_data());
   return ffi::Error::Success();
 }
@@ -386,74 +437,95 @@ constexpr IVec InterleaveMask(std::integer_sequence<int, I...>, int half) {
 constexpr IVec kInterleaveLow = InterleaveMask(std::make_integer_sequence<int, kLanes>{}, 0);
 constexpr IVec kInterleaveHigh = InterleaveMask(std::make_integer_sequence<int, kLanes>{}, 1);
 
-// Channels padded to whole vectors (16 floats with AVX-512, 8 with AVX2): the 24-channel
-// stem is 24 on AVX2, not 32.
-inline int64_t RoundUpLanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+template <typename V>
+V Relu(V v) { return v > V{} ? v : V{}; }
 
-// c_r[0:kLanes*NV] = act(sum_s a[s][r, 0:k] @ b[s*k:(s+1)*k, 0:kLanes*NV] + bias) for r < MR:
-// S row segments of the left operand, each from its own matrix (rows lda apart), against
-// consecutive row blocks of b (rows ldb apart); c_r = c(r). The accumulators stay in
-// registers for the whole of S * k.
-template <int MR, int NV, int S, typename RowOut>
+// c_r[0:n] = act(sum_s a[s][r, 0:k] @ b[s*k:(s+1)*k, 0:n] + bias) for r < MR, n = NV whole
+// vectors and NH half vectors: S row segments of the left operand, each from its own matrix
+// (rows lda apart), against consecutive row blocks of b (rows ldb apart); c_r = c(r). The
+// accumulators stay in registers for the whole of S * k.
+template <int MR, int NV, int NH, int S, typename RowOut>
 void MicroKernel(const float* const* a, int64_t lda, const float* __restrict b, int64_t ldb,
                  int64_t k, const float* __restrict bias, bool relu, const RowOut& c) {
-  Vec acc[MR][NV];
-  for (int v = 0; v < NV; ++v) {
-    const Vec bv = Load(bias + kLanes * v);
-    for (int r = 0; r < MR; ++r) acc[r][v] = bv;
+  constexpr int kHalf = kLanes / 2;
+  Vec acc[MR][NV > 0 ? NV : 1];
+  Half hacc[MR][NH > 0 ? NH : 1];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = Load(bias + kLanes * v);
+    for (int v = 0; v < NH; ++v) hacc[r][v] = Load<Half>(bias + kLanes * NV + kHalf * v);
   }
   for (int s = 0; s < S; ++s) {
     const float* __restrict as = a[s];
     const float* __restrict bs = b + s * k * ldb;
     for (int64_t p = 0; p < k; ++p) {
-      Vec bv[NV];
+      Vec bv[NV > 0 ? NV : 1];
+      Half hv[NH > 0 ? NH : 1];
       for (int v = 0; v < NV; ++v) bv[v] = Load(bs + p * ldb + kLanes * v);
+      for (int v = 0; v < NH; ++v) hv[v] = Load<Half>(bs + p * ldb + kLanes * NV + kHalf * v);
       for (int r = 0; r < MR; ++r) {
         const Vec av = Broadcast(as[r * lda + p]);
+        const Half ah = LowHalf(av);  // the same register, not a second broadcast
         for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+        for (int v = 0; v < NH; ++v) hacc[r][v] += ah * hv[v];
       }
     }
   }
-  const Vec zero{};
   for (int r = 0; r < MR; ++r) {
     float* row = c(r);
-    for (int v = 0; v < NV; ++v) {
-      Store(row + kLanes * v, relu ? (acc[r][v] > zero ? acc[r][v] : zero) : acc[r][v]);
+    for (int v = 0; v < NV; ++v) Store(row + kLanes * v, relu ? Relu(acc[r][v]) : acc[r][v]);
+    for (int v = 0; v < NH; ++v) {
+      Store(row + kLanes * NV + kHalf * v, relu ? Relu(hacc[r][v]) : hacc[r][v]);
     }
   }
 }
 
+static_assert(kPad == kLanes || kVectors == 4, "MicroColumns' half-vector widths");
+
+// MicroKernel for nv whole vectors (at most kVectors), and a half vector after them if half
+// (then nv < kVectors; AVX-512 only): only those widths are instantiated.
 template <int MR, int S, typename RowOut>
-void MicroColumns(int64_t nv, const float* const* a, int64_t lda, const float* b, int64_t ldb,
-                  int64_t k, const float* bias, bool relu, const RowOut& c) {
-  switch (std::min<int64_t>(nv, kVectors)) {  // only widths up to kVectors are instantiated
-    case 1: return MicroKernel<MR, 1, S>(a, lda, b, ldb, k, bias, relu, c);
-    case 2: return MicroKernel<MR, (kVectors < 2 ? 1 : 2), S>(a, lda, b, ldb, k, bias, relu, c);
-    case 3: return MicroKernel<MR, (kVectors < 3 ? 1 : 3), S>(a, lda, b, ldb, k, bias, relu, c);
-    default: return MicroKernel<MR, kVectors, S>(a, lda, b, ldb, k, bias, relu, c);
+void MicroColumns(int64_t nv, bool half, const float* const* a, int64_t lda, const float* b,
+                  int64_t ldb, int64_t k, const float* bias, bool relu, const RowOut& c) {
+  if constexpr (kPad < kLanes) {
+    if (half) {
+      switch (nv) {
+        case 0: return MicroKernel<MR, 0, 1, S>(a, lda, b, ldb, k, bias, relu, c);
+        case 1: return MicroKernel<MR, 1, 1, S>(a, lda, b, ldb, k, bias, relu, c);
+        case 2: return MicroKernel<MR, 2, 1, S>(a, lda, b, ldb, k, bias, relu, c);
+        default: return MicroKernel<MR, 3, 1, S>(a, lda, b, ldb, k, bias, relu, c);
+      }
+    }
+  }
+  switch (std::min<int64_t>(nv, kVectors)) {
+    case 1: return MicroKernel<MR, 1, 0, S>(a, lda, b, ldb, k, bias, relu, c);
+    case 2: return MicroKernel<MR, (kVectors < 2 ? 1 : 2), 0, S>(a, lda, b, ldb, k, bias, relu, c);
+    case 3: return MicroKernel<MR, (kVectors < 3 ? 1 : 3), 0, S>(a, lda, b, ldb, k, bias, relu, c);
+    default: return MicroKernel<MR, kVectors, 0, S>(a, lda, b, ldb, k, bias, relu, c);
   }
 }
 
 // Output row m, columns j.. of act(sum_s a[s][m, 0:k] @ b[s*k:(s+1)*k] + bias) go to
-// out(m) + j, for m < rows; b is (S * k, np) with np a multiple of kLanes (zero columns past
+// out(m) + j, for m < rows; b is (S * k, np) with np a multiple of kPad (zero columns past
 // the real outputs), bias has np entries.
 template <int S, typename RowPtr>
 void MatmulSegments(const std::array<const float*, S>& a, int64_t lda, int64_t rows, int64_t k,
                     const float* b, int64_t np, const float* bias, bool relu, const RowPtr& out) {
   for (int64_t j = 0; j < np; j += kLanes * kVectors) {
-    const int64_t nv = std::min<int64_t>(kVectors, (np - j) / kLanes);
+    const int64_t width = std::min<int64_t>(kLanes * kVectors, np - j);
+    const int64_t nv = width / kLanes;
+    const bool half = width % kLanes != 0;
     for (int64_t i = 0; i < rows; i += kRows) {
       std::array<const float*, S> ai;
       for (int s = 0; s < S; ++s) ai[s] = a[s] + i * lda;
       auto c = [&](int64_t r) { return out(i + r) + j; };
       const float* const* ap = ai.data();
       switch (std::min<int64_t>(kRows, rows - i)) {
-        case 1: MicroColumns<1, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
-        case 2: MicroColumns<2, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
-        case 3: MicroColumns<3, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
-        case 4: MicroColumns<4, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
-        case 5: MicroColumns<5, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
-        default: MicroColumns<6, S>(nv, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        case 1: MicroColumns<1, S>(nv, half, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        case 2: MicroColumns<2, S>(nv, half, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        case 3: MicroColumns<3, S>(nv, half, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        case 4: MicroColumns<4, S>(nv, half, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        case 5: MicroColumns<5, S>(nv, half, ap, lda, b + j, np, k, bias + j, relu, c); break;
+        default: MicroColumns<6, S>(nv, half, ap, lda, b + j, np, k, bias + j, relu, c); break;
       }
     }
   }
@@ -480,45 +552,46 @@ struct Rows {
 void Depthwise(const float* __restrict in, int64_t in_cols, int64_t cp, int64_t rows,
                int64_t cols, int64_t s, const float* __restrict k, const float* __restrict bias,
                float* __restrict out) {
-  for (int64_t c = 0; c < cp; c += kLanes) {
-    Vec kv[9];
-    for (int t = 0; t < 9; ++t) kv[t] = Load(k + t * cp + c);
-    const Vec bv = Load(bias + c);
+  ForVectors(cp, [&](int64_t c, auto lanes) {
+    using V = decltype(lanes);
+    V kv[9];
+    for (int t = 0; t < 9; ++t) kv[t] = Load<V>(k + t * cp + c);
+    const V bv = Load<V>(bias + c);
     for (int64_t r = 0; r < rows; ++r) {
       const float* row[3];
-      Vec left[3], mid[3];  // input columns s*w and s*w + 1 of each kernel row
+      V left[3], mid[3];  // input columns s*w and s*w + 1 of each kernel row
       for (int i = 0; i < 3; ++i) {
         row[i] = in + (s * r + i) * in_cols * cp + c;
-        left[i] = Load(row[i]);
-        mid[i] = Load(row[i] + cp);
+        left[i] = Load<V>(row[i]);
+        mid[i] = Load<V>(row[i] + cp);
       }
       float* o = out + r * cols * cp + c;
       for (int64_t w = 0; w < cols; ++w) {
-        Vec acc = bv;
+        V acc = bv;
         for (int i = 0; i < 3; ++i) {  // the same order of sums as tap by tap
-          const Vec right = Load(row[i] + (s * w + 2) * cp);
+          const V right = Load<V>(row[i] + (s * w + 2) * cp);
           acc += left[i] * kv[3 * i];
           acc += mid[i] * kv[3 * i + 1];
           acc += right * kv[3 * i + 2];
           if (s == 1) {
             left[i] = mid[i], mid[i] = right;
           } else if (w + 1 < cols) {  // stride 2: the next column pair starts at this right
-            left[i] = right, mid[i] = Load(row[i] + (2 * w + 3) * cp);
+            left[i] = right, mid[i] = Load<V>(row[i] + (2 * w + 3) * cp);
           }
         }
         Store(o + w * cp, acc);
       }
     }
-  }
+  });
 }
 
-// A weight matrix (rows, cols) copied into (rows, RoundUpLanes(cols)) with zero columns,
+// A weight matrix (rows, cols) copied into (rows, RoundUpPad(cols)) with zero columns,
 // column j multiplied by scale[j] when a scale is given (an eval-mode BatchNorm folded as the
 // weights are copied; XLA would write a folded copy of every kernel on each call first); a
-// vector into RoundUpLanes entries. Zero weights and biases keep the padding channels at zero.
+// vector into RoundUpPad entries. Zero weights and biases keep the padding channels at zero.
 std::vector<float> PadColumns(const float* w, int64_t rows, int64_t cols,
                               const float* scale = nullptr) {
-  const int64_t np = RoundUpLanes(cols);
+  const int64_t np = RoundUpPad(cols);
   std::vector<float> out(rows * np, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     float* dst = out.data() + r * np;
@@ -619,7 +692,7 @@ struct Unit {
 // Output rows [r0, r1) of one image of the unit: image is (h, w, c), out (ho, wo, 2 * half).
 void UnitRows(const Unit& unit, const float* image, int64_t r0, int64_t r1, float* out) {
   const UnitShape& u = unit.u;
-  const int64_t hp = RoundUpLanes(u.half), cp = RoundUpLanes(u.c);
+  const int64_t hp = RoundUpPad(u.half), cp = RoundUpPad(u.c);
   const int64_t rows_in = u.s * (r1 - 1 - r0) + 3, m = (r1 - r0) * u.wo;
   thread_local std::vector<float> buffers[5];
   float* a = Scratch(buffers[0], rows_in * (u.w + 2) * hp);
@@ -754,7 +827,7 @@ void ConvRows(const float* image, int64_t h, int64_t w, int64_t cin, const Point
 void StemRows(const float* image, int64_t h, int64_t w, int64_t cin, const Pointwise& conv,
               int64_t cout, int64_t p0, int64_t p1, float* out) {
   const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, wp = (wc - 1) / 2 + 1;
-  const int64_t cp = RoundUpLanes(cout);
+  const int64_t cp = RoundUpPad(cout);
   const int64_t c0 = std::max<int64_t>(0, 2 * p0 - 1), c1 = std::min<int64_t>(hc, 2 * p1);
   thread_local std::vector<float> conv_buf;
   float* rows = Scratch(conv_buf, (c1 - c0) * wc * cp);
@@ -765,20 +838,21 @@ void StemRows(const float* image, int64_t h, int64_t w, int64_t cin, const Point
     for (int64_t pc = 0; pc < wp; ++pc) {
       const int64_t q0 = std::max<int64_t>(0, 2 * pc - 1), q1 = std::min<int64_t>(wc, 2 * pc + 2);
       float* dst = out + (pr * wp + pc) * cout;
-      for (int64_t c = 0; c < cp; c += kLanes) {
-        Vec m = Load(rows + ((r0 - c0) * wc + q0) * cp + c);
+      ForVectors(cp, [&](int64_t c, auto lanes) {
+        using V = decltype(lanes);
+        V m = Load<V>(rows + ((r0 - c0) * wc + q0) * cp + c);
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t q = q0; q < q1; ++q) {
-            const Vec v = Load(rows + ((r - c0) * wc + q) * cp + c);
+            const V v = Load<V>(rows + ((r - c0) * wc + q) * cp + c);
             m = v > m ? v : m;
           }
         }
-        if (c + kLanes <= cout) {
+        if (c + kLanesOf<V> <= cout) {
           Store(dst + c, m);
         } else {
           for (int64_t i = c; i < cout; ++i) dst[i] = m[i - c];
         }
-      }
+      });
     }
   }
 }
@@ -886,7 +960,7 @@ ffi::Error StemConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
     return ffi::Error::InvalidArgument("stem conv: x and out must be NHWC, the kernel a matrix");
   }
   const int64_t n = xd[0], h = xd[1], w = xd[2], cin = xd[3], cout = kernel.dimensions()[1];
-  const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, cp = RoundUpLanes(cout);
+  const int64_t hc = (h - 1) / 2 + 1, wc = (w - 1) / 2 + 1, cp = RoundUpPad(cout);
   if (!IsMatrix(kernel, 9 * cin, cout) || od[0] != n || od[1] != hc || od[2] != wc ||
       od[3] != cout) {
     return ffi::Error::InvalidArgument("stem conv: kernel or output shape does not match x");
@@ -899,10 +973,14 @@ ffi::Error StemConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
   float* os = out->typed_data();
   ParallelFor(pool, n * bands, [&](int64_t chunk) {
     const int64_t i = chunk / bands, c0 = chunk % bands * band, c1 = std::min(hc, c0 + band);
+    float* dst = os + (i * hc + c0) * wc * cout;
+    if (cp == cout) {  // no padding channels to drop: straight into the output
+      ConvRows(xs + i * h * w * cin, h, w, cin, conv, false, c0, c1, dst);
+      return;
+    }
     thread_local std::vector<float> conv_buf;
     float* rows = Scratch(conv_buf, (c1 - c0) * wc * cp);
     ConvRows(xs + i * h * w * cin, h, w, cin, conv, false, c0, c1, rows);
-    float* dst = os + (i * hc + c0) * wc * cout;
     for (int64_t p = 0; p < (c1 - c0) * wc; ++p) {
       std::copy(rows + p * cp, rows + p * cp + cout, dst + p * cout);
     }

@@ -17,18 +17,41 @@ constexpr int kLanes = 8;
 
 typedef float Vec __attribute__((vector_size(4 * kLanes)));
 typedef int32_t IVec __attribute__((vector_size(4 * kLanes)));
+// Half a vector (AVX-512's ymm): channel counts are padded to whole half vectors there, since
+// on Zen 4 a ymm multiply-add costs half a zmm one (116 channels as 120, not 128).
+typedef float Half __attribute__((vector_size(2 * kLanes)));
 
-inline Vec Load(const float* p) {
-  Vec v;
+// Channels are padded to multiples of kPad floats: whole half vectors with AVX-512, whole
+// vectors elsewhere (AVX2's xmm multiply-adds cost what its ymm ones cost).
+#if defined(__AVX512F__)
+constexpr int kPad = kLanes / 2;
+#else
+constexpr int kPad = kLanes;
+#endif
+
+inline Half LowHalf(Vec v) {
+  Half h;
+  std::memcpy(&h, &v, sizeof h);
+  return h;
+}
+
+template <typename V>
+constexpr int kLanesOf = sizeof(V) / sizeof(float);
+
+template <typename V = Vec>
+inline V Load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+template <typename V>
+inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
 
 // s - 0.0f is s for every s, so this folds to one broadcast (from memory where s was loaded);
-// `Vec{} + s` must add 0.0f first (-0.0f + 0.0f is +0.0f): a scalar add and a register
+// `V{} + s` must add 0.0f first (-0.0f + 0.0f is +0.0f): a scalar add and a register
 // broadcast per use, in the matmul's innermost loop.
-inline Vec Broadcast(float s) { return s - Vec{}; }
+template <typename V = Vec>
+inline V Broadcast(float s) { return s - V{}; }
 
 }  // namespace shufflenet
