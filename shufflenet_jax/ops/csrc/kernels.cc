@@ -447,12 +447,11 @@ V Relu(V v) { return v > V{} ? v : V{}; }
 template <int MR, int NV, int NH, int S, typename RowOut>
 void MicroKernel(const float* const* a, int64_t lda, const float* __restrict b, int64_t ldb,
                  int64_t k, const float* __restrict bias, bool relu, const RowOut& c) {
-  constexpr int kHalf = kLanes / 2;
   Vec acc[MR][NV > 0 ? NV : 1];
   Half hacc[MR][NH > 0 ? NH : 1];
   for (int r = 0; r < MR; ++r) {
     for (int v = 0; v < NV; ++v) acc[r][v] = Load(bias + kLanes * v);
-    for (int v = 0; v < NH; ++v) hacc[r][v] = Load<Half>(bias + kLanes * NV + kHalf * v);
+    for (int v = 0; v < NH; ++v) hacc[r][v] = Load<Half>(bias + kLanes * NV + kHalfLanes * v);
   }
   for (int s = 0; s < S; ++s) {
     const float* __restrict as = a[s];
@@ -461,7 +460,7 @@ void MicroKernel(const float* const* a, int64_t lda, const float* __restrict b, 
       Vec bv[NV > 0 ? NV : 1];
       Half hv[NH > 0 ? NH : 1];
       for (int v = 0; v < NV; ++v) bv[v] = Load(bs + p * ldb + kLanes * v);
-      for (int v = 0; v < NH; ++v) hv[v] = Load<Half>(bs + p * ldb + kLanes * NV + kHalf * v);
+      for (int v = 0; v < NH; ++v) hv[v] = Load<Half>(bs + p * ldb + kLanes * NV + kHalfLanes * v);
       for (int r = 0; r < MR; ++r) {
         const Vec av = Broadcast(as[r * lda + p]);
         const Half ah = LowHalf(av);  // the same register, not a second broadcast
@@ -474,7 +473,7 @@ void MicroKernel(const float* const* a, int64_t lda, const float* __restrict b, 
     float* row = c(r);
     for (int v = 0; v < NV; ++v) Store(row + kLanes * v, relu ? Relu(acc[r][v]) : acc[r][v]);
     for (int v = 0; v < NH; ++v) {
-      Store(row + kLanes * NV + kHalf * v, relu ? Relu(hacc[r][v]) : hacc[r][v]);
+      Store(row + kLanes * NV + kHalfLanes * v, relu ? Relu(hacc[r][v]) : hacc[r][v]);
     }
   }
 }
@@ -719,9 +718,18 @@ void UnitRows(const Unit& unit, const float* image, int64_t r0, int64_t r1, floa
     float* d = Scratch(buffers[4], m * hp);
     PaddedBand(u, r0, r1, cp, band, [&](int64_t hi, float* dst) {
       const float* src = image + hi * u.w * u.c;
-      for (int64_t w = 0; w < u.w; ++w) {
-        std::copy(src + w * u.c, src + (w + 1) * u.c, dst + w * cp);
-        std::fill(dst + w * cp + u.c, dst + (w + 1) * cp, 0.0f);
+      if (cp == u.c) {
+        std::copy(src, src + u.w * u.c, dst);
+        return;
+      }
+      for (int64_t w = 0; w < u.w; ++w) {  // vectors, not a library call per pixel
+        const float* from = src + w * u.c;
+        float* to = dst + w * cp;
+        int64_t c = 0;
+        for (; c + kLanes <= u.c; c += kLanes) Store(to + c, Load(from + c));
+        for (; c + kHalfLanes <= u.c; c += kHalfLanes) Store(to + c, Load<Half>(from + c));
+        for (; c < u.c; ++c) to[c] = from[c];
+        for (; c < cp; ++c) to[c] = 0.0f;
       }
     });
     Depthwise(band, u.w + 2, cp, r1 - r0, u.wo, 2, unit.dw1->k.data(), unit.dw1->b.data(), b);
@@ -729,20 +737,23 @@ void UnitRows(const Unit& unit, const float* image, int64_t r0, int64_t r1, floa
     even = d;
     ld_even = hp;
   }
-  float* o = out + r0 * u.wo * 2 * u.half;
+  const int64_t half = u.half;
+  float* o = out + r0 * u.wo * 2 * half;
   for (int64_t p = 0; p < m; ++p) {
     const float* e = even + p * ld_even;
     const float* q = odd + p * hp;
-    float* dst = o + p * 2 * u.half;
-    int64_t k = 0;
-    for (; k + kLanes <= u.half; k += kLanes) {
+    float* dst = o + p * 2 * half;
+    auto interleave = [&](int64_t k) {
       const Vec ev = Load(e + k), qv = Load(q + k);
       Store(dst + 2 * k, __builtin_shuffle(ev, qv, kInterleaveLow));
       Store(dst + 2 * k + kLanes, __builtin_shuffle(ev, qv, kInterleaveHigh));
-    }
-    for (; k < u.half; ++k) {
-      dst[2 * k] = e[k];
-      dst[2 * k + 1] = q[k];
+    };
+    int64_t k = 0;
+    for (; k + kLanes <= half; k += kLanes) interleave(k);
+    if (k < half && half >= kLanes) {
+      interleave(half - kLanes);  // the last vector again, overlapping: the same values
+    } else {
+      for (; k < half; ++k) dst[2 * k] = e[k], dst[2 * k + 1] = q[k];
     }
   }
 }

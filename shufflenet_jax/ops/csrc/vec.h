@@ -19,7 +19,8 @@ typedef float Vec __attribute__((vector_size(4 * kLanes)));
 typedef int32_t IVec __attribute__((vector_size(4 * kLanes)));
 // Half a vector (AVX-512's ymm): channel counts are padded to whole half vectors there, since
 // on Zen 4 a ymm multiply-add costs half a zmm one (116 channels as 120, not 128).
-typedef float Half __attribute__((vector_size(2 * kLanes)));
+constexpr int kHalfLanes = kLanes / 2;
+typedef float Half __attribute__((vector_size(4 * kHalfLanes)));
 
 // Channels are padded to multiples of kPad floats: whole half vectors with AVX-512, whole
 // vectors elsewhere (AVX2's xmm multiply-adds cost what its ymm ones cost).
