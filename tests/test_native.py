@@ -41,7 +41,9 @@ def test_native_kernels_build_on_this_machine():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("nhwc", [(1, 1, 1, 1), (3, 5, 8, 7), (2, 8, 7, 19), (9, 14, 14, 116)])
+@pytest.mark.parametrize(
+    "nhwc", [(1, 1, 1, 1), (3, 5, 8, 7), (2, 6, 9, 12), (2, 8, 7, 19), (9, 14, 14, 116)]
+)
 def test_native_depthwise_kernel_grad_matches_float64_sum(stride, nhwc):
     x, g = _inputs(*nhwc, stride)
     got = jax.jit(native.depthwise_kernel_grad, static_argnums=2)(x, g, stride)

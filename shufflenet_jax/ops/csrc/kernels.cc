@@ -133,31 +133,67 @@ std::optional<ffi::Error> CheckGeometry(const Geometry& s) {
 // ---------------------------------------------------------------------------------------------
 // Depthwise 3x3 kernel gradient.
 
+// f(c, V{}) for vectors V covering channels [0, n) of unpadded rows: whole vectors, the last
+// one overlapping the one before where n is not a multiple (lanes of the same channel compute
+// the same sums); half vectors, or single floats, where n is narrower than a vector.
+template <typename F>
+void OverlappingVectors(int64_t n, F&& f) {
+  auto run = [&](auto lanes) {
+    using V = decltype(lanes);
+    constexpr int64_t width = sizeof(V) / sizeof(float);
+    int64_t c = 0;
+    for (; c + width <= n; c += width) f(c, V{});
+    if (c < n) f(n - width, V{});
+  };
+  if (n >= kLanes) {
+    run(Vec{});
+  } else if (n >= kHalfLanes) {
+    run(Half{});
+  } else {
+    run(float{});
+  }
+}
+
+// Per output row and kernel row, a vector of channels at a time: the three taps' sums over
+// the row stay in registers (in memory, a load and a store per multiply-add, it was slower).
 void DepthwiseGradImages(const float* __restrict x, const float* __restrict g, const Geometry& s,
                          int64_t n0, int64_t n1, double* __restrict acc) {
-  const int64_t c = s.cin;
+  const int64_t c = s.cin, st = s.stride;
+  // tap j = 0 reads column st*w - 1, inside from w = 1; tap 2 reads st*w + 1, inside below
+  const int64_t right_end = s.w < 2 ? 0 : std::min(s.wo, (s.w - 2) / st + 1);
   std::vector<float> row_sum(9 * c);
-  float* __restrict rs = row_sum.data();
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t h = 0; h < s.ho; ++h) {
       std::fill(row_sum.begin(), row_sum.end(), 0.0f);
       const float* __restrict grow = g + ((n * s.ho + h) * s.wo) * c;
+      // The vector passes below read a row's pixels strided: the next output row's input rows
+      // are prefetched in order, as a channel-inner loop would read them (the stride-2
+      // gradients of 58 channels read from memory were as slow as channel-inner without it).
+      const int64_t next0 = std::max<int64_t>(0, st * (h + 1) - 1);
+      for (int64_t hi = next0; hi < std::min(s.h, st * (h + 1) + 2); ++hi) {
+        const char* row = reinterpret_cast<const char*>(x + ((n * s.h + hi) * s.w) * c);
+        for (int64_t b = 0; b < s.w * c * 4; b += 64) __builtin_prefetch(row + b);
+      }
       for (int64_t i = 0; i < 3; ++i) {
-        const int64_t hi = s.stride * h + i - 1;
+        const int64_t hi = st * h + i - 1;
         if (hi < 0 || hi >= s.h) continue;
         const float* __restrict xrow = x + ((n * s.h + hi) * s.w) * c;
-        for (int64_t w = 0; w < s.wo; ++w) {
-          const float* __restrict gv = grow + w * c;
-          for (int64_t j = 0; j < 3; ++j) {
-            const int64_t wi = s.stride * w + j - 1;
-            if (wi < 0 || wi >= s.w) continue;
-            const float* __restrict xv = xrow + wi * c;
-            float* __restrict r = rs + (i * 3 + j) * c;
-            for (int64_t ch = 0; ch < c; ++ch) r[ch] += xv[ch] * gv[ch];
+        OverlappingVectors(c, [&](int64_t c0, auto lanes) {
+          using V = decltype(lanes);
+          V left{}, mid{}, right{};  // taps j = 0, 1, 2
+          auto at = [&](int64_t w, int64_t j) { return Load<V>(xrow + (st * w + j - 1) * c + c0); };
+          for (int64_t w = 0; w < s.wo; ++w) {  // in order of w for each tap, as tap by tap
+            const V gv = Load<V>(grow + w * c + c0);
+            if (w > 0) left += at(w, 0) * gv;
+            mid += at(w, 1) * gv;
+            if (w < right_end) right += at(w, 2) * gv;
           }
-        }
+          Store(row_sum.data() + (3 * i) * c + c0, left);
+          Store(row_sum.data() + (3 * i + 1) * c + c0, mid);
+          Store(row_sum.data() + (3 * i + 2) * c + c0, right);
+        });
       }
-      for (int64_t k = 0; k < 9 * c; ++k) acc[k] += rs[k];
+      for (int64_t k = 0; k < 9 * c; ++k) acc[k] += row_sum[k];
     }
   }
 }
