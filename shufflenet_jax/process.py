@@ -66,13 +66,18 @@ def setup_process(
     """Process-wide settings, to call before any JAX computation; returns what it did, a line
     each, for the program's log.
 
-    On the CPU backend: `reuse_freed_host_memory`. With `coordinator_address`:
-    `jax.distributed.initialize` (CPU collectives over gloo). Marks absl's flags parsed for
-    grain's worker processes when the program did not parse them, and keeps TensorStore's late
-    callbacks after a failed checkpoint read or write out of the output. Then builds or loads
-    the C++ kernels if the CPU is the default backend, so that tracing does not run g++.
+    On the CPU backend: `reuse_freed_host_memory`, and the C++ kernels built or loaded, so that
+    tracing does not run g++; before `jax.distributed.initialize` (with `coordinator_address`;
+    CPU collectives over gloo), so that processes compiling at different speeds meet at its
+    barrier rather than time out at the first collective's 30 seconds. Marks absl's flags
+    parsed for grain's worker processes when the program did not parse them, and keeps
+    TensorStore's late callbacks after a failed checkpoint read or write out of the output.
     """
     lines = [_setup_malloc()]
+    if cpu_is_default_backend():
+        from shufflenet_jax.ops import native
+
+        lines.append(f"C++ kernels: {native.status()}")
     if coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -80,10 +85,6 @@ def setup_process(
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     _quiet_closed_event_loop_callbacks()
-    if cpu_is_default_backend():
-        from shufflenet_jax.ops import native
-
-        lines.append(f"C++ kernels: {native.status()}")
     return lines
 
 

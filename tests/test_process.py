@@ -64,6 +64,26 @@ def test_process_setup_changes_malloc_only_when_the_cpu_is_the_default_backend(m
     assert "kept for reuse" in hostmem.setup_process()[0] and calls == [1]
 
 
+def test_process_setup_builds_the_kernels_before_the_processes_meet(monkeypatch):
+    """A process still compiling the C++ kernels after the others had passed
+    jax.distributed.initialize made them time out at the first collective (gloo waits 30 s;
+    seen in CI's two-process test): the build comes before initialize's barrier."""
+    import jax
+
+    from shufflenet_jax import process
+    from shufflenet_jax.ops import native
+
+    order = []
+    monkeypatch.setattr(process, "reuse_freed_host_memory", lambda: True)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setattr(native, "status", lambda: order.append("kernels") or "built")
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # gloo: for the real run
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: order.append("initialize"))
+    lines = process.setup_process("localhost:1", 2, 0)
+    assert order == ["kernels", "initialize"]
+    assert "C++ kernels: built" in lines and "distributed: process 0 of 2" in lines
+
+
 def test_train_py_says_what_the_process_setup_did(tmp_path):
     """train.py logs the setting before anything else happens (here: a config that fails)."""
     out = subprocess.run(
