@@ -140,7 +140,7 @@ template <typename F>
 void OverlappingVectors(int64_t n, F&& f) {
   auto run = [&](auto lanes) {
     using V = decltype(lanes);
-    constexpr int64_t width = sizeof(V) / sizeof(float);
+    constexpr int64_t width = kLanesOf<V>;
     int64_t c = 0;
     for (; c + width <= n; c += width) f(c, V{});
     if (c < n) f(n - width, V{});
@@ -254,8 +254,8 @@ void ForEachTap(const Geometry& s, int64_t n, int64_t h, int64_t w, F&& f) {
 }
 
 // Output channels go in NB blocks of kLanes-float vectors, the gradient padded to NB * kLanes,
-// so each block is whole vector operations; run-time-length channel loops left most of the
-// 24-channel stem in scalar remainder code, slower than XLA.
+// so each block is whole vector operations (run-time-length channel loops ran mostly in
+// scalar remainder code).
 template <int NB>
 void DenseGradImages(const float* __restrict x, const float* __restrict g, const Geometry& s,
                      int64_t n0, int64_t n1, double* __restrict acc) {
@@ -290,12 +290,16 @@ void DenseGradImages(const float* __restrict x, const float* __restrict g, const
 void StemGradImages(const float* __restrict x, const float* __restrict g, const Geometry& s,
                     int64_t n0, int64_t n1, double* __restrict acc) {
   const int64_t cp = RoundUpPad(s.cout);
-  std::vector<float> grad(s.wo * cp, 0.0f), padded((s.w + 2) * 3, 0.0f), row_sum(27 * cp);
+  std::vector<float> padded_grad(cp == s.cout ? 0 : s.wo * cp, 0.0f);
+  std::vector<float> padded((s.w + 2) * 3, 0.0f), row_sum(27 * cp);
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t h = 0; h < s.ho; ++h) {
-      const float* grow = g + (n * s.ho + h) * s.wo * s.cout;
-      for (int64_t w = 0; w < s.wo; ++w) {  // padding channels stay zero
-        std::copy(grow + w * s.cout, grow + (w + 1) * s.cout, grad.data() + w * cp);
+      const float* grad = g + (n * s.ho + h) * s.wo * s.cout;
+      if (cp != s.cout) {  // padded to whole vectors; the padding channels stay zero
+        for (int64_t w = 0; w < s.wo; ++w) {
+          std::copy(grad + w * s.cout, grad + (w + 1) * s.cout, padded_grad.data() + w * cp);
+        }
+        grad = padded_grad.data();
       }
       std::fill(row_sum.begin(), row_sum.end(), 0.0f);
       for (int64_t i = 0; i < 3; ++i) {
@@ -308,7 +312,7 @@ void StemGradImages(const float* __restrict x, const float* __restrict g, const 
           V sum[9] = {};
           for (int64_t w = 0; w < s.wo; ++w) {
             const float* xv = padded.data() + 3 * s.stride * w;
-            const V gv = Load<V>(grad.data() + w * cp + c);
+            const V gv = Load<V>(grad + w * cp + c);
             for (int q = 0; q < 9; ++q) sum[q] += Broadcast<V>(xv[q]) * gv;
           }
           for (int q = 0; q < 9; ++q) Store(row_sum.data() + (9 * i + q) * cp + c, sum[q]);
@@ -658,7 +662,7 @@ struct Affine {
 };
 
 // A 1x1 convolution (C_in, C_out), its columns scaled (a folded BatchNorm; none: 1), with
-// bias, columns padded to whole vectors.
+// bias, columns padded to multiples of kPad.
 struct Pointwise {
   std::vector<float> w, b;
   int64_t k;
@@ -673,7 +677,7 @@ struct Pointwise {
 };
 
 // A (9, C) kernel scaled per channel by its BatchNorm (conv[1..4]), its bias, padded to
-// whole vectors.
+// multiples of kPad.
 struct DepthwiseWeights {
   std::vector<float> k, b;
   DepthwiseWeights(const ffi::AnyBuffer* conv, float eps) {
