@@ -23,6 +23,7 @@ from shufflenet_jax.interop import checkpoint
 from shufflenet_jax.train import checkpoints, workdir
 from shufflenet_jax.train.loop import train_and_evaluate
 
+from .helpers import RUN_LIMIT_S
 from .test_training import ROOT, losses, run_train, small_config, start_training
 
 
@@ -113,12 +114,12 @@ def test_a_second_writer_on_a_workdir_is_refused_naming_the_holder(digits_data_d
     while overwriting each other's checkpoints and interleaving metrics.jsonl."""
     first = start_training(tmp_path, digits_data_dir)
     second = run_train(tmp_path, digits_data_dir, "--config.train.num_devices=1")
-    out, _ = second.communicate(timeout=240)
+    out, _ = second.communicate(timeout=RUN_LIMIT_S)
     assert second.returncode == 1, out
     assert f"is in use by another training run (pid {first.pid} on host" in out
     assert "Traceback" not in out
     first.send_signal(signal.SIGTERM)
-    out, _ = first.communicate(timeout=120)
+    out, _ = first.communicate(timeout=RUN_LIMIT_S)
     assert first.returncode == 0, out
     (saved,) = step_dirs(tmp_path / "checkpoints")
     assert f"checkpoint {saved} saved" in out  # said only once the save completed
@@ -199,7 +200,7 @@ def test_a_failed_background_save_stops_training_at_once_and_keeps_the_last_good
     the next save, checkpoint_every steps later, and ended in thousands of traceback lines."""
     common = ("--config.train.checkpoint_every=2", "--config.train.num_devices=1")
     good = run_train(tmp_path, digits_data_dir, "--config.train.total_steps=2", *common)
-    out, _ = good.communicate(timeout=300)
+    out, _ = good.communicate(timeout=RUN_LIMIT_S)
     assert good.returncode == 0, out
     env = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
     full = run_train(
@@ -210,7 +211,7 @@ def test_a_failed_background_save_stops_training_at_once_and_keeps_the_last_good
         env=env,
         preexec_fn=_limit_file_size(256 << 10),
     )
-    out, _ = full.communicate(timeout=300)
+    out, _ = full.communicate(timeout=RUN_LIMIT_S)
     assert full.returncode == 1, out
     # one line naming the path and the OS error (orbax's writer threads add their own
     # reports around it, shortened by setup_process: docs/reliability.md)

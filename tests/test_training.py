@@ -27,7 +27,7 @@ from shufflenet_jax.train import checkpoints, optim, parallel, step
 from shufflenet_jax.train.loop import train_and_evaluate
 from shufflenet_jax.train.state import create_model, create_train_state
 
-from .helpers import random_values, set_fields
+from .helpers import RUN_LIMIT_S, START_LIMIT_S, random_values, set_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,7 +97,7 @@ def start_training(workdir, data_dir):
         "--config.train.num_devices=1",
     )
     metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + START_LIMIT_S
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "training did not start"
@@ -108,7 +108,7 @@ def start_training(workdir, data_dir):
 def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
     proc = start_training(tmp_path, digits_data_dir)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=RUN_LIMIT_S)
     assert proc.returncode == 0, out
     steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and steps[0] >= 2
@@ -132,7 +132,7 @@ def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
         for i in range(2)
     ]
     for p in procs:
-        out, _ = p.communicate(timeout=400)
+        out, _ = p.communicate(timeout=RUN_LIMIT_S)
         assert p.returncode == 0, out
 
     # one process, 4 devices, fed the two processes' shares side by side
@@ -170,6 +170,41 @@ def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
     assert losses(tmp_path / "multi")[1] == pytest.approx(losses(tmp_path / "single")[1], rel=1e-5)
     assert_same_update(start.params, multi["params"], single.state.params)
     assert_same_update(start.batch_stats, multi["batch_stats"], single.state.batch_stats)
+
+
+def test_across_processes_a_step_compiles_then_waits_for_all_before_it_runs(monkeypatch):
+    """gloo's first collective gives the other processes 30 s to arrive, less than compile
+    times differ on a loaded 2-vCPU machine: every process compiles, then meets at the
+    coordination service's barrier (a long timeout), then runs."""
+    assert parallel.compiled_together(step_fn := jax.jit(lambda x: 2 * x), "f") is step_fn
+    events = []
+    jitted = jax.jit(lambda x: 2 * x)
+
+    class Spy:  # the jitted function, recording when it is lowered, compiled and run
+        def lower(self, *args):
+            events.append("lower")
+            return SpyLowered(jitted.lower(*args))
+
+    class SpyLowered:
+        def __init__(self, lowered):
+            self.lowered = lowered
+
+        def compile(self):
+            events.append("compile")
+            compiled = self.lowered.compile()
+            return lambda *args: events.append("run") or compiled(*args)
+
+    def barrier(*, key, timeout_ms):
+        events.append(("barrier", timeout_ms))
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(parallel.multihost, "get_barrier_sync_fn", lambda: barrier)
+    together = parallel.compiled_together(Spy(), "f")
+    assert isinstance(together, parallel.CompiledTogether)
+    assert [int(together(np.int32(i))) for i in (3, 4)] == [6, 8]
+    wait = ("barrier", parallel.COMPILE_BARRIER_S * 1000)
+    assert events == ["lower", "compile", wait, "run", "run"]
+    assert parallel.COMPILE_BARRIER_S >= 600  # 10x the slowest compile seen (docstring)
 
 
 def test_weight_decay_mask_covers_exactly_conv_and_linear_kernels():
@@ -483,8 +518,10 @@ def test_device_prefetch_keeps_order_and_saves_the_position_of_the_batch_handed_
     try:
         for want in range(3):
             assert int(next(feed)["x"][0]) == want
-        time.sleep(0.5)  # the thread runs ahead by the ring's size
-        assert len(consumed) > 3
+        deadline = time.monotonic() + 60  # the thread runs ahead by the ring's size
+        while len(consumed) <= 3:  # (a wait, not a fixed sleep: a loaded CPU may be slow)
+            assert time.monotonic() < deadline, "the prefetch thread did not run ahead"
+            time.sleep(0.01)
         assert json.loads(feed.position.get_state()) == {"taken": 3}
         assert [int(b["x"][0]) for b in feed] == [3, 4, 5]
     finally:

@@ -75,7 +75,8 @@ def _train(config: Any, workdir: Path, stop_after: int | None, train_batches) ->
         log.warning("resumed from step %d in %s", int(state.step), workdir / "checkpoints")
     state = jax.device_put(state, replicated)
     train_step = step.train_step_for(config, graphdef, tx, mesh)
-    eval_step = step.make_eval_step(graphdef, mesh)
+    train_step = parallel.compiled_together(train_step, "train")
+    eval_step = parallel.compiled_together(step.make_eval_step(graphdef, mesh), "eval")
 
     def evaluate(params, batch_stats):
         batches = configured.eval_dataset(config, eval_split, local_eval_batch)
