@@ -5,8 +5,13 @@ Any config field can be overridden by section, e.g. `--config.train.total_steps=
 one. Multi-host: pass
 `--coordinator_address host:port --num_processes N --process_id I` (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host.
+
+`--compile_for TARGET` (h100, h100x8, h200, h200x8, v5e:2x2, v6e:2x2) compiles this config's
+train and eval steps for that accelerator on this machine, without one, and reports memory,
+kernels and an estimated bound (`shufflenet_jax.aot`); `--json OUT`, `--max_batch`, `--save FILE`.
 """
 
+import json
 import os
 
 import jax
@@ -33,11 +38,38 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "This process's index."
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string("compile_for", None, "Compile for this accelerator instead of training.")
+flags.DEFINE_string("json", None, "With --compile_for: write the report here.")
+flags.DEFINE_bool("max_batch", False, "With --compile_for: find the largest batch that fits.")
+flags.DEFINE_string("save", None, "With --compile_for: write the compiled steps here.")
+flags.mark_flags_as_required(["config"])
+
+
+def compile_only() -> None:
+    """--compile_for: compile for a described accelerator; nothing is read or written but the
+    report and the saved executables."""
+    jax.config.update("jax_platforms", "cpu")  # a plugin without its device must not start
+    jax.config.update("jax_enable_compilation_cache", False)  # deviceless: cannot be read back
+    from shufflenet_jax.aot import compile as aot
+    from shufflenet_jax.aot import targets
+
+    with one_line_errors(ValueError):
+        target = targets.get(FLAGS.compile_for)
+        out, executables = aot.compile_for(FLAGS.config, target, FLAGS.max_batch)
+    print(aot.describe(out, target))
+    if FLAGS.save:
+        aot.write_executables(FLAGS.save, executables)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 def main(argv):
     del argv
+    if FLAGS.compile_for:
+        return compile_only()
+    if not FLAGS.workdir:
+        raise SystemExit("error: --workdir is required (or --compile_for TARGET)")
     for line in setup_process(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
         print(line)
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO

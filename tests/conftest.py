@@ -35,8 +35,8 @@ def pytest_ignore_collect(collection_path, config):
 
 
 def pytest_collection_modifyitems(items):
-    """Hand out the long training and evaluation tests first, so that with `-n 2` the two
+    """Hand out the long compile, training and evaluation tests first, so that with `-n 2` the two
     workers do not end with one of them running a long test alone."""
-    first = ["test_training.py", "test_evaluation.py"]
+    first = ["test_aot.py", "test_training.py", "test_evaluation.py"]
     name = lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1]  # noqa: E731
     items.sort(key=lambda item: first.index(name(item)) if name(item) in first else len(first))

@@ -109,6 +109,7 @@ def test_a_refused_save_is_an_error_not_a_silent_skip(tmp_path, digits_data_dir)
         manager.close()
 
 
+@pytest.mark.os_level
 def test_a_second_writer_on_a_workdir_is_refused_naming_the_holder(digits_data_dir, tmp_path):
     """Before: two runs on one workdir crashed one of them at its first save, or both 'finished'
     while overwriting each other's checkpoints and interleaving metrics.jsonl."""
@@ -192,6 +193,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.os_level
 def test_a_failed_background_save_stops_training_at_once_and_keeps_the_last_good_one(
     digits_data_dir, tmp_path
 ):

@@ -105,6 +105,7 @@ def start_training(workdir, data_dir):
     return proc
 
 
+@pytest.mark.os_level
 def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
     proc = start_training(tmp_path, digits_data_dir)
     proc.send_signal(signal.SIGTERM)

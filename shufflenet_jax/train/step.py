@@ -139,10 +139,14 @@ def make_train_step(
 
 
 def train_step_for(
-    config: Any, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh: Mesh
+    config: Any,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    backend: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """`make_train_step` with the config's compute dtype, label smoothing, EMA and device-side
-    augmentation: train.py's."""
+    augmentation: train.py's, compiled with the options for `backend` (default: JAX's)."""
     o = config.optim
     return make_train_step(
         graphdef,
@@ -152,6 +156,7 @@ def train_step_for(
         ema_decay=o.ema_decay,
         augment=make_augment(config.train.seed, config.data.color_jitter),
         mesh=mesh,
+        compiler_options=train_compiler_options(backend),
     )
 
 
@@ -170,12 +175,12 @@ def make_predict(
     return jax.jit(functools.partial(_logits, graphdef), compiler_options=options)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None, backend: str | None = None):
     """`sums, predictions = eval_step(params, batch_stats, batch)`: masked counts of correct
     top-1 and top-5, summed cross-entropy and the number of real examples; and each row's top-1
     class with the batch's `index` and `mask`. uint8 images are normalized first (the eval
-    stream's crops: `data.augment.standardize`). Jitted with `eval_compiler_options()`, its
-    outputs replicated over `mesh` when given."""
+    stream's crops: `data.augment.standardize`). Jitted with `eval_compiler_options(backend)`,
+    its outputs replicated over `mesh` when given."""
 
     def eval_step(params, batch_stats, batch):
         images = batch["image"]
@@ -194,7 +199,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
         return sums, {"top1": top5[:, 0], "index": batch["index"], "mask": mask}
 
     shardings = {} if mesh is None else dict(out_shardings=replicated(mesh))
-    return jax.jit(eval_step, compiler_options=eval_compiler_options(), **shardings)
+    return jax.jit(eval_step, compiler_options=eval_compiler_options(backend), **shardings)
 
 
 def summarize_eval(sums: dict[str, float]) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation for accelerators this machine does not have."""

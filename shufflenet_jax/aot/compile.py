@@ -1,0 +1,237 @@
+"""Compile a config's train and eval steps for an accelerator this machine does not have, and
+report what the target's own compiler made of them: memory per device, kernels, library calls,
+collectives, and a lower bound on the step time (an estimate, not a measurement).
+
+Nothing is materialized: the steps are lowered from `jax.ShapeDtypeStruct`s sharded over the
+target's mesh, as MaxText's train_compile.py does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from shufflenet_jax.aot import hlo
+from shufflenet_jax.aot.targets import Target, make_mesh, platform
+from shufflenet_jax.model.network import abstract_model
+from shufflenet_jax.train import optim, parallel, step
+from shufflenet_jax.train.state import abstract_state, model_kwargs
+
+
+@dataclasses.dataclass
+class Steps:
+    """The config's jitted steps for one mesh, and their abstract arguments at a batch size."""
+
+    config: Any
+    mesh: Mesh
+    train: Any
+    eval: Any
+
+    def train_args(self, global_batch: int) -> tuple:
+        state = _on(abstract_state(self.config), parallel.replicated(self.mesh))
+        return state, self._batch(global_batch, {"label": jnp.int32})
+
+    def eval_args(self, global_batch: int) -> tuple:
+        state = _on(abstract_state(self.config), parallel.replicated(self.mesh))
+        params = state.params if state.ema_params is None else state.ema_params
+        extra = {"label": jnp.int32, "mask": jnp.bool_, "index": jnp.int32}
+        return params, state.batch_stats, self._batch(global_batch, extra)
+
+    def _batch(self, global_batch: int, extra: dict[str, Any]) -> dict[str, Any]:
+        parallel.check_batch(global_batch, self.mesh)
+        size, data = self.config.data.image_size, parallel.data_sharding(self.mesh)
+        batch = {"image": jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.uint8)}
+        batch |= {k: jax.ShapeDtypeStruct((global_batch,), t) for k, t in extra.items()}
+        return _on(batch, data)
+
+
+def _on(tree: Any, sharding: Any) -> Any:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
+
+
+def steps_on(config: Any, mesh: Mesh, backend: str) -> Steps:
+    """train.py's train and eval steps for `config` over `mesh`, with `backend`'s options."""
+    model = abstract_model(**model_kwargs(config))
+    graphdef, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx = optim.make_optimizer(config, params)
+    train = step.train_step_for(config, graphdef, tx, mesh, backend)
+    return Steps(config, mesh, train, step.make_eval_step(graphdef, mesh, backend))
+
+
+def steps_for(config: Any, target: Target) -> Steps:
+    """The steps for `target`'s devices and compiler."""
+    return steps_on(config, make_mesh(target), platform(target))
+
+
+def compile_step(jitted: Any, args: tuple) -> tuple[Any, Any, float]:
+    """(lowered, compiled, compile seconds)."""
+    lowered = jitted.lower(*args)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    return lowered, compiled, time.perf_counter() - start
+
+
+def memory(compiled: Any, target: Target) -> dict[str, Any]:
+    """Per-device bytes from XLA's memory analysis; donated arguments that alias outputs are
+    counted once."""
+    m = compiled.memory_analysis()
+    total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+    return {
+        "argument_bytes": m.argument_size_in_bytes,
+        "output_bytes": m.output_size_in_bytes,
+        "alias_bytes": m.alias_size_in_bytes,
+        "temp_bytes": m.temp_size_in_bytes,
+        "total_bytes": total,
+        "device_bytes": target.hbm_bytes,
+        "fits": total <= target.hbm_bytes,
+    }
+
+
+def estimate(lowered: Any, kernels: hlo.Kernels, target: Target, global_batch: int) -> dict:
+    """The step's time bound on the target: max(HBM bytes / bandwidth, flops / peak) per device,
+    from the compiled kernels' operand and result bytes and the program's flops."""
+    flops = hlo.flops(lowered) / target.devices
+    seconds = max(kernels.hbm_bytes / target.hbm_bytes_per_s, flops / target.peak_bf16_flops)
+    return {
+        "hbm_bytes": kernels.hbm_bytes,
+        "flops": flops,
+        "lower_bound_ms": 1e3 * seconds,
+        "images_per_s_bound": global_batch / seconds if seconds else None,
+        "basis": "estimate: per device, max(HBM bytes / bandwidth, flops / bf16 peak)",
+    }
+
+
+def report(lowered: Any, compiled: Any, seconds: float, target: Target, batch: int) -> dict:
+    """Everything `train.py --compile_for` prints and writes for one step."""
+    kernels = hlo.kernels(hlo.optimized(compiled))
+    out = {
+        "compile_s": seconds,
+        "memory": memory(compiled, target),
+        "fusions": kernels.fusions,
+        "library_calls": kernels.library_calls,
+        "unfused": kernels.unfused,
+        "kernels": kernels.launches,
+        "collectives": kernels.collectives,
+        "project_kernels": kernels.project_kernels,
+        "estimate": estimate(lowered, kernels, target, batch),
+    }
+    if target.platform == "tpu":
+        cost = compiled.cost_analysis() or {}
+        cost = cost[0] if isinstance(cost, list) else cost
+        keep = ("flops", "bytes accessed", "optimal_seconds")
+        out["xla_cost_analysis"] = {k: float(cost[k]) for k in keep if k in cost}
+    return out
+
+
+def fits(jitted: Any, args_at: Any, per_device: int, target: Target) -> bool:
+    """Whether the step compiles within the device's memory at `per_device` images per device
+    (a compiler that refuses for lack of memory counts as not fitting)."""
+    try:
+        _, compiled, _ = compile_step(jitted, args_at(per_device * target.devices))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
+            return False
+        raise
+    return memory(compiled, target)["fits"]
+
+
+def max_batch(jitted: Any, args_at: Any, start: int, target: Target) -> tuple[int, int]:
+    """(largest per-device batch that fits, compiles it took): doubling from `start`, then
+    bisection between the last that fitted and the first that did not."""
+    lo, hi, compiles = 0, start, 0
+    while True:
+        compiles += 1
+        if not fits(jitted, args_at, hi, target):
+            break
+        lo, hi = hi, 2 * hi
+        if hi > 1 << 16:
+            return lo, compiles
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        compiles += 1
+        lo, hi = (mid, hi) if fits(jitted, args_at, mid, target) else (lo, mid)
+    return lo, compiles
+
+
+def compile_for(config: Any, target: Target, search: bool = False) -> tuple[dict, dict]:
+    """(the JSON report of `train.py --compile_for`, the compiled steps): both steps at the
+    config's batch sizes and, with `search`, the largest per-device batches that fit."""
+    steps = steps_for(config, target)
+    t = config.train
+    out: dict[str, Any] = {"target": target.name, "devices": target.devices}
+    out["per_device_batch"] = t.batch_size // target.devices
+    executables = {}
+    for name, jitted, args_at, batch in (
+        ("train", steps.train, steps.train_args, t.batch_size),
+        ("eval", steps.eval, steps.eval_args, t.eval_batch_size),
+    ):
+        lowered, compiled, seconds = compile_step(jitted, args_at(batch))
+        out[name] = report(lowered, compiled, seconds, target, batch)
+        out[name]["global_batch"] = batch
+        out[name]["max_per_device_batch"] = None
+        executables[name] = compiled
+        if search:
+            largest, compiles = max_batch(jitted, args_at, batch // target.devices, target)
+            out[name]["max_per_device_batch"] = largest
+            out[name]["max_batch_compiles"] = compiles
+    return out, executables
+
+
+def write_executables(path: str | Path, executables: dict[str, Any]) -> None:
+    """The compiled steps, serialized for a machine that has the target's devices
+    (`load_executables` there instead of compiling)."""
+    from jax.experimental.serialize_executable import serialize
+
+    Path(path).write_bytes(pickle.dumps({k: serialize(c) for k, c in executables.items()}))
+
+
+def load_executables(path: str | Path) -> dict[str, Any]:
+    """The steps `write_executables` saved, loaded onto this machine's devices."""
+    from jax.experimental.serialize_executable import deserialize_and_load
+
+    saved = pickle.loads(Path(path).read_bytes())
+    return {k: deserialize_and_load(*v) for k, v in saved.items()}
+
+
+def describe(out: dict[str, Any], target: Target) -> str:
+    """The report as lines to print."""
+    lines = [f"{target.name}: {target.devices} {target.platform} device(s)"]
+    for name in ("train", "eval"):
+        r = out[name]
+        m, e = r["memory"], r["estimate"]
+        gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        lines += [
+            f"{name} step, global batch {r['global_batch']}: compiled in {r['compile_s']:.1f} s",
+            f"  memory per device: arguments {gib(m['argument_bytes'])}, outputs "
+            f"{gib(m['output_bytes'])} ({gib(m['alias_bytes'])} donated), temp "
+            f"{gib(m['temp_bytes'])}, total {gib(m['total_bytes'])} of "
+            f"{gib(m['device_bytes'])}: {'fits' if m['fits'] else 'DOES NOT FIT'}",
+            f"  kernels per step {r['kernels']}: fusions {r['fusions']}",
+            f"  library calls {r['library_calls']}",
+            f"  outside fusions and libraries {r['unfused']}",
+            f"  collectives {r['collectives']}; this project's C++ kernels: {r['project_kernels']}",
+            f"  estimate (not a measurement): {e['hbm_bytes'] / 2**20:.0f} MiB of HBM traffic, "
+            f"{e['flops'] / 1e9:.1f} GFLOP per device; at least {e['lower_bound_ms']:.2f} ms "
+            f"per step, at most {e['images_per_s_bound']:.0f} images/s",
+        ]
+        if "xla_cost_analysis" in r:
+            lines.append(f"  XLA's cost analysis: {r['xla_cost_analysis']}")
+        if r["max_per_device_batch"] is not None:
+            lines.append(
+                f"  largest per-device batch that fits: {r['max_per_device_batch']} "
+                f"({r['max_batch_compiles']} compiles)"
+            )
+    return "\n".join(lines)

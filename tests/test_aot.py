@@ -1,0 +1,142 @@
+"""Readiness for accelerators this machine does not have: train.py's steps compiled ahead of
+time for an H100 (one and eight) and a TPU v5e 2x2 by their own compilers, at width 0.5 on
+32x32 digits-sized batches (whole-network compiles take minutes here: small is the point).
+
+Marked `aot`: they need JAX's CUDA plugin and libtpu (`pip install -e ".[aot]"`), which the
+leg that runs them installs; other legs deselect them.
+"""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+from configs import digits
+from shufflenet_jax.aot import compile as aot
+from shufflenet_jax.aot import hlo, targets
+from shufflenet_jax.model.layers import Conv2d
+from shufflenet_jax.model.network import abstract_model
+from shufflenet_jax.ops import native
+from shufflenet_jax.train import parallel
+from shufflenet_jax.train.state import model_kwargs
+
+from .helpers import set_fields
+
+pytestmark = pytest.mark.aot
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(dtype="bfloat16", batch=16):
+    c = digits.get_config()
+    set_fields(c, image_size=32, batch_size=batch, eval_batch_size=batch, compute_dtype=dtype)
+    return c
+
+
+@pytest.fixture(autouse=True)
+def no_compilation_cache():
+    """Deviceless executables cannot be read back from JAX's persistent cache (it needs the
+    device's client): do not write them there."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", before)
+
+
+def forward_products(config) -> int:
+    """The dots one forward pass of the config's model computes: its 1x1 convolutions and fc."""
+    model = abstract_model(**model_kwargs(config))
+    convs = [m for _, m in nnx.iter_modules(model) if isinstance(m, Conv2d)]
+    return sum(c.kind == "pointwise" for c in convs) + 1
+
+
+def check_ready(name: str) -> tuple[dict, dict]:
+    """Compiles the bf16 train and eval steps for the target and checks what holds on every
+    target: no C++ kernel of this project, fits, fusions, an estimate; (report, executables)."""
+    target = targets.get(name)
+    report, executables = aot.compile_for(tiny_config(), target)
+    assert report["target"] == name and report["devices"] == target.devices
+    for step in ("train", "eval"):
+        r = report[step]
+        assert r["project_kernels"] == 0
+        assert 'custom_call_target="shufflenet_' not in executables[step].as_text()
+        assert r["memory"]["fits"] and 0 < r["memory"]["total_bytes"] < target.hbm_bytes
+        assert sum(r["fusions"].values()) > 10
+        e = r["estimate"]
+        assert e["hbm_bytes"] > 0 and e["flops"] > 0 and e["lower_bound_ms"] > 0
+        assert e["images_per_s_bound"] == pytest.approx(16 / (e["lower_bound_ms"] / 1e3))
+    return report, executables
+
+
+def check_bf16_products(executables: dict) -> None:
+    """The forward pass's products take bfloat16 operands; every product and every sum
+    (BatchNorm statistics, pools, the loss) accumulates in float32. (On a GPU the backward
+    pass's products take the float32 cotangents: docs/accelerator.md.)"""
+    types = hlo.precision(hlo.optimized(executables["train"]))
+    products = types["dot"] + types["convolution"]
+    assert products and all(k.endswith("->f32") for k in products), products
+    assert products["bf16,bf16->f32"] >= forward_products(tiny_config()), products
+    assert "bf16" not in types["sum"] and types["sum"]["f32"] > 0, types["sum"]
+
+
+def test_bf16_steps_compile_for_one_h100_with_xla_only_fit_and_multiply_in_bf16():
+    _, executables = check_ready("h100")
+    check_bf16_products(executables)
+
+
+def test_bf16_steps_compile_for_eight_h100s_and_mean_the_gradients_over_them():
+    report, _ = check_ready("h100x8")
+    assert report["train"]["collectives"]["all-reduce"]["count"] >= 1
+    assert report["per_device_batch"] == 2
+
+
+def test_bf16_steps_compile_for_a_tpu_v5e_slice_with_xlas_cost_analysis():
+    report, executables = check_ready("v5e:2x2")
+    assert report["train"]["xla_cost_analysis"]["flops"] > 0
+    assert report["train"]["collectives"]["all-reduce"]["count"] >= 1
+    check_bf16_products(executables)
+
+
+def test_float32_training_on_a_gpu_uses_no_bf16():
+    steps = aot.steps_for(tiny_config("float32"), targets.get("h100"))
+    _, compiled, _ = aot.compile_step(steps.train, steps.train_args(16))
+    used = hlo.result_dtypes(hlo.optimized(compiled))
+    assert used["f32"] > 0 and "bf16" not in used, used
+
+
+def test_the_eval_steps_fused_path_lowers_to_xla_off_the_cpu_and_to_the_kernels_on_it():
+    """The same eval step lowered twice: for the GPU with XLA's layers only, for the CPU with
+    the C++ stage kernels (so that the first check can fail)."""
+    config = tiny_config()
+    gpu = aot.steps_for(config, targets.get("h100"))
+    assert "custom_call @shufflenet_" not in gpu.eval.lower(*gpu.eval_args(16)).as_text()
+    if not native.available():
+        pytest.fail(f"the C++ kernels do not build here: {native.status()}")
+    cpu = aot.steps_on(config, parallel.make_mesh(1), "cpu")
+    assert "custom_call @shufflenet_stage" in cpu.eval.lower(*cpu.eval_args(16)).as_text()
+
+
+def test_a_bad_target_a_batch_that_does_not_split_and_a_missing_plugin_are_one_line(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown target 'h300'; known: h100, h100x8"):
+        targets.get("h300")
+    with pytest.raises(ValueError, match="batch_size=12 is not divisible by the 8 devices"):
+        aot.steps_for(tiny_config(batch=12), targets.get("h100x8")).train_args(12)
+    real = importlib.util.find_spec
+    hidden = lambda n, *a: None if "plugin" in n else real(n, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hidden)
+    with pytest.raises(ValueError, match=r'needs JAX\'s CUDA plugin: pip install -e "\.\[aot\]"'):
+        targets.topology(targets.get("h200"))
+
+
+def test_train_py_names_a_bad_target_in_one_line():
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/digits.py", "--compile_for", "a100"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: unknown target 'a100'")
