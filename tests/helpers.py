@@ -6,10 +6,9 @@ from flax import nnx
 
 # Limits on a train.py subprocess of the tests. They only end a hung run, so they sit far
 # above what the runs take on the slowest CPU kind seen (2-vCPU AMD EPYC Zen 3, AVX2 only,
-# under `pytest -n 2`, where another test shares the two cores): there a start (imports, data,
-# the digits step's compile) took at most STARTED_S_SEEN and a whole short run at most
-# FINISHED_S_SEEN; the limits are 4x or more those.
-STARTED_S_SEEN, FINISHED_S_SEEN = 0, 0
+# under `pytest -n 2`, another test sharing the two cores; 2026-12-02): a whole test that
+# starts train.py and stops it took at most 97 s, the two-process test with its two whole
+# runs 189 s. The limits are 6x and 4.7x those.
 START_LIMIT_S = 600  # until train.py has logged its first steps
 RUN_LIMIT_S = 900  # until a train.py of a few steps (or one stopped by a signal) has exited
 
