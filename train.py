@@ -58,7 +58,7 @@ def compile_only() -> None:
         out, executables = aot.compile_for(FLAGS.config, target, FLAGS.max_batch)
     print(aot.describe(out, target))
     if FLAGS.save:
-        aot.write_executables(FLAGS.save, executables)
+        aot.write_executables(FLAGS.save, executables, target.devices)
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(out, f, indent=1)

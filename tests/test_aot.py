@@ -2,8 +2,8 @@
 time for an H100 (one and eight) and a TPU v5e 2x2 by their own compilers, at width 0.5 on
 32x32 digits-sized batches (whole-network compiles take minutes here: small is the point).
 
-Marked `aot`: they need JAX's CUDA plugin and libtpu (`pip install -e ".[aot]"`), which the
-leg that runs them installs; other legs deselect them.
+The compiling tests are marked `aot`: they need JAX's CUDA plugin and libtpu
+(`pip install -e ".[aot]"`), which the leg that runs them installs; other legs deselect them.
 """
 
 import importlib.util
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -26,7 +27,6 @@ from shufflenet_jax.train.state import model_kwargs
 
 from .helpers import set_fields
 
-pytestmark = pytest.mark.aot
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,17 +82,20 @@ def check_bf16_products(executables: dict) -> None:
     assert "bf16" not in types["sum"] and types["sum"]["f32"] > 0, types["sum"]
 
 
+@pytest.mark.aot
 def test_bf16_steps_compile_for_one_h100_with_xla_only_fit_and_multiply_in_bf16():
     _, executables = check_ready("h100")
     check_bf16_products(executables)
 
 
+@pytest.mark.aot
 def test_bf16_steps_compile_for_eight_h100s_and_mean_the_gradients_over_them():
     report, _ = check_ready("h100x8")
     assert report["train"]["collectives"]["all-reduce"]["count"] >= 1
     assert report["per_device_batch"] == 2
 
 
+@pytest.mark.aot
 def test_bf16_steps_compile_for_a_tpu_v5e_slice_with_xlas_cost_analysis():
     report, executables = check_ready("v5e:2x2")
     assert report["train"]["xla_cost_analysis"]["flops"] > 0
@@ -100,6 +103,7 @@ def test_bf16_steps_compile_for_a_tpu_v5e_slice_with_xlas_cost_analysis():
     check_bf16_products(executables)
 
 
+@pytest.mark.aot
 def test_float32_training_on_a_gpu_uses_no_bf16():
     steps = aot.steps_for(tiny_config("float32"), targets.get("h100"))
     _, compiled, _ = aot.compile_step(steps.train, steps.train_args(16))
@@ -107,6 +111,7 @@ def test_float32_training_on_a_gpu_uses_no_bf16():
     assert used["f32"] > 0 and "bf16" not in used, used
 
 
+@pytest.mark.aot
 def test_the_eval_steps_fused_path_lowers_to_xla_off_the_cpu_and_to_the_kernels_on_it():
     """The same eval step lowered twice: for the GPU with XLA's layers only, for the CPU with
     the C++ stage kernels (so that the first check can fail)."""
@@ -119,6 +124,7 @@ def test_the_eval_steps_fused_path_lowers_to_xla_off_the_cpu_and_to_the_kernels_
     assert "custom_call @shufflenet_stage" in cpu.eval.lower(*cpu.eval_args(16)).as_text()
 
 
+@pytest.mark.aot
 def test_a_bad_target_a_batch_that_does_not_split_and_a_missing_plugin_are_one_line(monkeypatch):
     with pytest.raises(ValueError, match=r"unknown target 'h300'; known: h100, h100x8"):
         targets.get("h300")
@@ -140,3 +146,24 @@ def test_train_py_names_a_bad_target_in_one_line():
     )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: unknown target 'a100'")
+
+
+def test_max_batch_doubles_then_bisects_to_the_largest_that_fits(monkeypatch):
+    tried = []
+
+    def fits(jitted, args_at, per_device, target):
+        tried.append(per_device)
+        return per_device <= 37
+
+    monkeypatch.setattr(aot, "fits", fits)
+    assert aot.max_batch(None, None, 8, targets.get("h100")) == (37, len(tried))
+    assert tried[:4] == [8, 16, 32, 64] and len(tried) == 4 + 5  # then 48, 40, 36, 38, 37
+
+
+def test_saved_steps_load_and_compute_what_the_compiled_ones_do(tmp_path):
+    """The CPU's executables, since loading needs the device they were compiled for."""
+    x = jax.numpy.arange(6.0)
+    compiled = jax.jit(lambda x: 2 * x + 1).lower(x).compile()
+    aot.write_executables(tmp_path / "steps.pkl", {"train": compiled}, devices=1)
+    loaded = aot.load_executables(tmp_path / "steps.pkl")
+    np.testing.assert_array_equal(loaded["train"](x), compiled(x))

@@ -190,20 +190,24 @@ def compile_for(config: Any, target: Target, search: bool = False) -> tuple[dict
     return out, executables
 
 
-def write_executables(path: str | Path, executables: dict[str, Any]) -> None:
-    """The compiled steps, serialized for a machine that has the target's devices
+def write_executables(path: str | Path, executables: dict[str, Any], devices: int) -> None:
+    """The compiled steps, serialized for a machine with the target's `devices` devices
     (`load_executables` there instead of compiling)."""
     from jax.experimental.serialize_executable import serialize
 
-    Path(path).write_bytes(pickle.dumps({k: serialize(c) for k, c in executables.items()}))
+    saved = {"devices": devices, "steps": {k: serialize(c) for k, c in executables.items()}}
+    Path(path).write_bytes(pickle.dumps(saved))
 
 
 def load_executables(path: str | Path) -> dict[str, Any]:
-    """The steps `write_executables` saved, loaded onto this machine's devices."""
+    """The steps `write_executables` saved, loaded onto this machine's first devices."""
     from jax.experimental.serialize_executable import deserialize_and_load
 
     saved = pickle.loads(Path(path).read_bytes())
-    return {k: deserialize_and_load(*v) for k, v in saved.items()}
+    devices = jax.devices()[: saved["devices"]]
+    return {
+        k: deserialize_and_load(*v, execution_devices=devices) for k, v in saved["steps"].items()
+    }
 
 
 def describe(out: dict[str, Any], target: Target) -> str:
