@@ -157,7 +157,10 @@ def test_max_batch_doubles_then_bisects_to_the_largest_that_fits(monkeypatch):
 
     monkeypatch.setattr(aot, "fits", fits)
     assert aot.max_batch(None, None, 8, targets.get("h100")) == (37, len(tried))
-    assert tried[:4] == [8, 16, 32, 64] and len(tried) == 4 + 5  # then 48, 40, 36, 38, 37
+    assert tried == [8, 16, 32, 64, 48, 40, 36, 38, 37]
+    tried.clear()  # the config's own batch, already compiled, is not compiled again
+    assert aot.max_batch(None, None, 8, targets.get("h100"), start_fits=True) == (37, 8)
+    assert tried == [16, 32, 64, 48, 40, 36, 38, 37]
 
 
 def test_saved_steps_load_and_compute_what_the_compiled_ones_do(tmp_path):

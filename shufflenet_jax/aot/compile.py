@@ -148,22 +148,28 @@ def fits(jitted: Any, args_at: Any, per_device: int, target: Target) -> bool:
     return memory(compiled, target)["fits"]
 
 
-def max_batch(jitted: Any, args_at: Any, start: int, target: Target) -> tuple[int, int]:
+def max_batch(
+    jitted: Any, args_at: Any, start: int, target: Target, start_fits: bool | None = None
+) -> tuple[int, int]:
     """(largest per-device batch that fits, compiles it took): doubling from `start`, then
-    bisection between the last that fitted and the first that did not."""
-    lo, hi, compiles = 0, start, 0
-    while True:
-        compiles += 1
-        if not fits(jitted, args_at, hi, target):
-            break
+    bisection between the last that fitted and the first that did not. `start_fits`, when
+    already known from a compile at `start`, saves that compile."""
+    known = {} if start_fits is None else {start: start_fits}
+
+    def probe(per_device: int) -> bool:
+        if per_device not in known:
+            known[per_device] = fits(jitted, args_at, per_device, target)
+        return known[per_device]
+
+    lo, hi = 0, start
+    while probe(hi):
         lo, hi = hi, 2 * hi
         if hi > 1 << 16:
-            return lo, compiles
-    while hi - lo > 1:
+            break
+    while hi - lo > 1 and hi <= 1 << 16:
         mid = (lo + hi) // 2
-        compiles += 1
-        lo, hi = (mid, hi) if fits(jitted, args_at, mid, target) else (lo, mid)
-    return lo, compiles
+        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
+    return lo, len(known) - (start_fits is not None)
 
 
 def compile_for(config: Any, target: Target, search: bool = False) -> tuple[dict, dict]:
@@ -184,7 +190,9 @@ def compile_for(config: Any, target: Target, search: bool = False) -> tuple[dict
         out[name]["max_per_device_batch"] = None
         executables[name] = compiled
         if search:
-            largest, compiles = max_batch(jitted, args_at, batch // target.devices, target)
+            fitted = out[name]["memory"]["fits"]
+            start = batch // target.devices
+            largest, compiles = max_batch(jitted, args_at, start, target, fitted)
             out[name]["max_per_device_batch"] = largest
             out[name]["max_batch_compiles"] = compiles
     return out, executables

@@ -16,9 +16,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax._src.lib import _jax
 from jaxlib import _hlo
-
-Opcode = _hlo.HloOpcode
 
 # Instructions that launch no kernel and move no data: names, views, bookkeeping, and the
 # second halves of asynchronous pairs (their start is counted).
@@ -191,8 +190,6 @@ def flops(lowered: Any) -> float:
     floating-point operations one step computes over all devices. Run by the CPU client,
     since a deviceless target has none."""
     mod = module(lowered.as_text(dialect="hlo"))
-    from jax._src.lib import _jax
-
     cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, mod)
     return float(cost.get("flops", 0.0))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jax.experimental import topologies
 from jax.sharding import Mesh
 
 SPECS = Path(__file__).parent / "specs"
@@ -100,8 +101,6 @@ def check_plugin(target: Target) -> None:
 
 def topology(target: Target) -> Any:
     """The target's devices, described for the compiler (nothing is attached)."""
-    from jax.experimental import topologies
-
     check_plugin(target)
     if target.platform == "tpu":
         return topologies.get_topology_desc(target.topology, "tpu")
@@ -118,8 +117,6 @@ def topology(target: Target) -> Any:
 
 
 def _gpu_topology(target: Target, text: str) -> Any:
-    from jax.experimental import topologies
-
     return topologies.get_topology_desc(
         platform="cuda", topology=target.topology, target_config=text
     )
