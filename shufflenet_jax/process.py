@@ -69,9 +69,10 @@ def setup_process(
     On the CPU backend: `reuse_freed_host_memory`, and the C++ kernels built or loaded, so that
     tracing does not run g++; before `jax.distributed.initialize` (with `coordinator_address`;
     CPU collectives over gloo), so that processes compiling at different speeds meet at its
-    barrier rather than time out at the first collective's 30 seconds. Marks absl's flags
-    parsed for grain's worker processes when the program did not parse them, and keeps
-    TensorStore's late callbacks after a failed checkpoint read or write out of the output.
+    barrier rather than time out at the first collective's 30 seconds; orbax's barriers on the
+    coordination service too. Marks absl's flags parsed for grain's worker processes when the
+    program did not parse them, and keeps TensorStore's late callbacks after a failed
+    checkpoint read or write out of the output.
     """
     lines = [_setup_malloc()]
     if cpu_is_default_backend():
@@ -82,10 +83,22 @@ def setup_process(
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         lines.append(f"distributed: process {process_id} of {num_processes}")
+        lines.append(_orbax_barriers_on_coordination_service())
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     _quiet_closed_event_loop_callbacks()
     return lines
+
+
+def _orbax_barriers_on_coordination_service() -> str:
+    """Orbax's process barriers (the checkpoint directory's creation, each save) as waits at
+    the coordination service, up to orbax's 300 s, instead of its default, a gloo collective
+    that gives the other processes 30 s to arrive: processes that load data and build the
+    model at different speeds on a loaded machine reached it further apart than that."""
+    from orbax.checkpoint import multihost  # defines the absl flag
+
+    flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name].value = True
+    return "checkpoint barriers: the coordination service's"
 
 
 def _quiet_closed_event_loop_callbacks() -> None:

@@ -173,6 +173,55 @@ def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
     assert_same_update(start.batch_stats, multi["batch_stats"], single.state.batch_stats)
 
 
+# One process of two. Starting the backend is a meeting of the processes (their devices are
+# exchanged); then process 0 marks its arrival and opens the checkpoint directory, process 1
+# waits for the mark, then `late_s` seconds more, then opens it. Opening it is a barrier.
+LATE_ARRIVAL = """
+import sys, time
+from pathlib import Path
+import jax
+from shufflenet_jax.process import setup_process
+from shufflenet_jax.train import checkpoints
+port, pid, late_s = (int(a) for a in sys.argv[1:4])
+workdir = Path(sys.argv[4])
+setup_process(f"localhost:{port}", 2, pid)
+jax.devices()
+arrived = workdir / "process_0_arrived"
+if pid == 0:
+    arrived.touch()
+else:
+    while not arrived.exists():
+        time.sleep(0.1)
+    time.sleep(late_s)
+checkpoints.checkpoint_manager(workdir / "checkpoints", 1)
+print("met")
+"""
+
+
+def test_processes_arriving_40_s_apart_open_the_checkpoint_directory_together(tmp_path):
+    """Processes load data and build the model at different speeds; the checkpoint directory's
+    creation is the first thing they do together. gloo's collectives give the others 30 s to
+    arrive: orbax's barriers must wait longer (at the coordination service)."""
+    late_s = 40  # gloo's deadline is 30 s
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LATE_ARRIVAL, str(port), str(i), str(late_s), str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=RUN_LIMIT_S)
+        assert p.returncode == 0 and out.rstrip().endswith("met"), out
+    assert (tmp_path / "checkpoints").is_dir()
+
+
 def test_across_processes_a_step_compiles_then_waits_for_all_before_it_runs(monkeypatch):
     """gloo's first collective gives the other processes 30 s to arrive, less than compile
     times differ on a loaded 2-vCPU machine: every process compiles, then meets at the
