@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One accelerator check in at most 8 minutes (the stages' device limits add up to 480 s), for a
+# One accelerator check in at most 9 minutes (the stages' device limits add up to 540 s), for a
 # machine with Python 3.12, JAX with CUDA, flax, optax, orbax, chex and torch preinstalled and
 # no network (docs/accelerator.md):
 #
@@ -11,7 +11,9 @@
 # installed. Each stage runs under its own timeout and writes its JSON or log under OUT, so a
 # slow stage cannot lose the others' results; OUT/stages.tsv lists each stage's exit status
 # and seconds. --cpu-dry-run runs every stage on the CPU at tiny sizes (CI runs it so that the
-# script cannot rot); the GPU-only parts (nvidia-smi, torch.compile) are skipped there.
+# script cannot rot); the GPU-only parts (nvidia-smi, torch.compile) are skipped there, and the
+# deviceless stage compares an H100 compile with this CPU's. That stage needs JAX's CUDA plugin
+# (the [aot] extra): it runs with $AOT_PYTHON (default: the same Python).
 # Each stage has two limits: the device's (what the lent machine's time allows) and the dry
 # run's, set at 4x or more what the stage took on the slowest CPU kind seen (AMD EPYC Zen 3,
 # 2 vCPUs; docs/accelerator.md), since there the compiles, not the tiny sizes, take the time:
@@ -24,6 +26,7 @@ if [[ "${1:-}" == "--cpu-dry-run" ]]; then dry=1; shift; fi
 out=${1:-${OUT:-device_check_out}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
+aot_py=${AOT_PYTHON:-$py}
 wheels=${WHEELS:-.whl}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 printf 'stage\texit\tseconds\n' >"$out/stages.tsv"
@@ -59,6 +62,7 @@ if ((dry)); then
   small=(--widths 0.5 --batches 8 --size 32 --round-seconds 0.2 --repeats 1 --no-torch)
   fusion=(--batch 2 --size 32 --repeats 1)
   copy=(--batch 8 --repeats 2)
+  deviceless=(--target h100 --batch 8 --size 32)
 else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
   tests=(tests/test_ops.py tests/test_models.py tests/test_steps.py tests/test_low_precision.py)
@@ -68,6 +72,7 @@ else
   small=(--widths 0.5 --batches 256 --repeats 3)
   fusion=()
   copy=(--batch 1024 --repeats 3)
+  deviceless=()  # this GPU's target; width 0.5, batch 128, 224x224, bf16
   stage nvidia_smi 10 10 nvidia-smi
 fi
 
@@ -99,6 +104,8 @@ stage fusion_unit 25 120 "$py" -m lab.fusion --target unit --mode train "${fusio
   --json "$out/fusion_unit_train.json"
 stage fusion_net 30 120 "$py" -m lab.fusion --target net --mode forward --compare shuffle \
   "${fusion[@]}" --json "$out/fusion_net_forward.json"
+stage deviceless 60 400 "$aot_py" benchmarks/deviceless_check.py "${deviceless[@]}" \
+  --json "$out/deviceless.json"
 
 cat "$out/stages.tsv"
 ! awk 'NR > 1 && $2 != 0 { bad = 1 } END { exit !bad }' "$out/stages.tsv"

@@ -1,15 +1,19 @@
-"""XLA fusion lab: what XLA makes of ShuffleNet V2's element-wise work, from the optimized HLO.
+"""XLA fusion lab: what XLA makes of ShuffleNet V2's element-wise work, from the optimized HLO,
+for this machine's own device or, without the device, for a GPU or TPU target.
 
-    python -m lab.fusion                      # unit variants side by side, forward
+    python -m lab.fusion                      # unit variants side by side, forward, here
     python -m lab.fusion --target net --mode train --compare shuffle
     python -m lab.fusion --target pair --compare shuffle --save-hlo hlo/
+    python -m lab.fusion --target unit --mode train --platform h100 --dtype bfloat16
 
 Targets: `unit` (one stride-1 ShuffleUnit), `pair` (two stride-1 units: concat + shuffle + the
 next unit's split), `block` (1x1 conv + BatchNorm + ReLU), `net` (the whole ShuffleNetV2).
 Modes: `forward` (eval mode) or `train` (train-mode loss and its gradient). For each variant the
-report gives fusions by kind, the operations left outside fusions (transposes, copies,
-concatenates, ...), custom calls (library kernels), XLA's cost analysis (flops, bytes accessed),
-its memory analysis, and the measured time (median of --repeats).
+report gives, from XLA's module objects (`shufflenet_jax.aot.hlo`): fusions by kind, library
+calls (cuDNN, cuBLAS, Triton, XLA:CPU's), the kernels launched, operations left outside fusions
+(transposes, copies, concatenates, ...), the bytes the kernels read and write, flops, XLA's own
+bytes accessed where it gives them (CPU, TPU), its memory analysis, and for this machine's own
+device the measured time (median of --repeats).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import statistics
 import time
 from collections import Counter
@@ -30,127 +33,46 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lab import variants as impls
 from shufflenet_jax import ops
+from shufflenet_jax.aot import hlo, targets
 from shufflenet_jax.model.network import ShuffleUnit, abstract_model, with_values
-
-_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 
 
 @dataclasses.dataclass
 class FusionReport:
-    """What XLA compiled one function into."""
+    """What XLA compiled one function into, for one platform."""
 
     name: str
-    fusions: dict[str, int]  # fusion kind (kLoop, kInput, kOutput, ...) -> count
-    standalone: dict[str, int]  # opcode -> count, outside fused computations
-    custom_calls: dict[str, int]  # custom_call_target -> count
-    data_movement_fusions: list[
-        dict[str, int]
-    ]  # opcodes of each fusion holding a concat/transpose/gather
-    flops: float
-    bytes_accessed: float
+    fusions: dict[str, int]  # fusion kind (kLoop, kInput, kOutput, kCustom) -> count
+    unfused: dict[str, int]  # opcode -> count: kernels outside fusions and library calls
+    library_calls: dict[str, int]  # custom-call target or kCustom fusion backend -> count
+    data_movement_fusions: list[dict[str, int]]  # bodies holding a concat/transpose/gather
+    library_fusions: list[dict[str, int]]  # bodies of kCustom fusions (a GEMM and its epilogue)
+    launches: int  # kernels launched per call
+    flops: float  # XLA's cost analysis of the unoptimized module (the same on every platform)
+    hbm_bytes: int  # sum over the kernels of their operands and results (aot.hlo.kernels)
+    bytes_accessed: float | None  # XLA's own cost analysis (CPU, TPU); None on GPUs
     temp_bytes: int
     argument_bytes: int
     output_bytes: int
-    seconds: float | None
+    seconds: float | None  # measured on this machine's device ("local") only
 
     def summary(self) -> dict[str, Any]:
         keep = ("transpose", "copy", "concatenate", "gather", "slice", "convolution", "dot")
         return {
             "fusions": sum(self.fusions.values()),
-            **{f"standalone_{k}": self.standalone.get(k, 0) for k in keep},
-            "custom_calls": sum(self.custom_calls.values()),
+            **{f"unfused_{k}": self.unfused.get(k, 0) for k in keep},
+            "library_calls": sum(self.library_calls.values()),
+            "launches": self.launches,
             "gflops": self.flops / 1e9,
-            "mb_accessed": self.bytes_accessed / 2**20,
+            "mb_moved": self.hbm_bytes / 2**20,
+            "mb_accessed": None if self.bytes_accessed is None else self.bytes_accessed / 2**20,
             "temp_mb": self.temp_bytes / 2**20,
             "ms": None if self.seconds is None else 1e3 * self.seconds,
         }
-
-
-def _split_type_and_rest(text: str) -> tuple[str, str]:
-    """`f32[2]{0} add(a, b), ...` or `(f32[2], s32[]) tuple(...)` -> (type, rest)."""
-    if text.startswith("("):
-        depth = 0
-        for i, ch in enumerate(text):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                return text[: i + 1], text[i + 1 :].lstrip()
-    head, _, rest = text.partition(" ")
-    return head, rest
-
-
-def parse_hlo(text: str) -> dict[str, list[tuple[str, str, str]]]:
-    """Computations of an HLO module: name -> [(instruction name, opcode, the rest)]."""
-    computations: dict[str, list[tuple[str, str, str]]] = {}
-    current = None
-    for line in text.splitlines():
-        m = _COMPUTATION.match(line)
-        if m:
-            current = "ENTRY" if m.group(1) else m.group(2)
-            computations[current] = []
-            continue
-        if line.strip() == "}":
-            current = None
-            continue
-        if current is None:
-            continue
-        m = _INSTRUCTION.match(line)
-        if m:
-            _, rest = _split_type_and_rest(m.group(2))
-            opcode = rest.split("(", 1)[0].strip()
-            computations[current].append((m.group(1), opcode, rest))
-    return computations
-
-
-def data_movement_fusions(text: str) -> list[dict[str, int]]:
-    """The opcode counts of every fusion body that contains a concatenate, transpose or gather:
-    where the channel concat / shuffle / split went, and what it was fused with."""
-    computations = parse_hlo(text)
-    fused = set()
-    for instructions in computations.values():
-        for _, opcode, rest in instructions:
-            if opcode == "fusion":
-                fused.update(re.findall(r"calls=%?([\w.\-]+)", rest))
-    out = []
-    for name in sorted(fused):
-        ops_in = Counter(op for _, op, _ in computations.get(name, []) if op != "parameter")
-        if ops_in.keys() & {"concatenate", "transpose", "gather"}:
-            out.append(dict(ops_in))
-    return out
-
-
-def count_hlo(text: str) -> tuple[Counter, Counter, Counter]:
-    """(fusions by kind, standalone opcodes, custom-call targets) of an optimized HLO module.
-
-    Standalone means in a computation that is neither a fusion body (`calls=` of a fusion) nor a
-    reducer/comparator (`to_apply=`): what runs as its own kernel or copy."""
-    computations = parse_hlo(text)
-    fused, applied = set(), set()
-    for instructions in computations.values():
-        for _, opcode, rest in instructions:
-            for callee in re.findall(r"calls=%?([\w.\-]+)", rest):
-                if opcode == "fusion":
-                    fused.add(callee)
-            applied.update(re.findall(r"to_apply=%?([\w.\-]+)", rest))
-    fusions, standalone, custom = Counter(), Counter(), Counter()
-    for name, instructions in computations.items():
-        if name in fused or name in applied:
-            continue
-        for _, opcode, rest in instructions:
-            if opcode in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
-                continue
-            standalone[opcode] += 1
-            if opcode == "fusion":
-                kind = re.search(r"kind=(\w+)", rest)
-                fusions[kind.group(1) if kind else "?"] += 1
-            if opcode == "custom-call":
-                target = re.search(r'custom_call_target="([^"]+)"', rest)
-                custom[target.group(1) if target else "?"] += 1
-    return fusions, standalone, custom
 
 
 def _median_seconds(run: Callable[[], Any], repeats: int) -> float | None:
@@ -165,61 +87,84 @@ def _median_seconds(run: Callable[[], Any], repeats: int) -> float | None:
     return statistics.median(times)
 
 
+def _on_device(args: Sequence[Any], platform: str) -> list[Any]:
+    """`args` as shapes on one device of `platform` (an `aot.targets` name; nothing is
+    materialized there), or unchanged for this machine's own device ("local")."""
+    if platform == "local":
+        return list(args)
+    devices = targets.topology(targets.get(platform)).devices
+    one = NamedSharding(Mesh(np.array(devices[:1]), ("data",)), PartitionSpec())
+    return [
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), arg)
+        for arg in args
+    ]
+
+
 def analyze(
     fn: Callable | Sequence[Callable],
     *args: Any,
     name: str = "",
     repeats: int = 5,
     save_hlo: str | Path | None = None,
+    platform: str = "local",
 ) -> FusionReport:
-    """Compile `fn(*args)`, count its optimized HLO, and time it (median of `repeats`; 0: skip).
+    """Compile `fn(*args)` for `platform` ("local": this machine's default device, or an
+    `aot.targets` name: one of its devices), count its optimized HLO, and where it runs here
+    time it (median of `repeats`; 0: skip).
 
     `fn` may be a sequence of stage functions `stage(*args[:-1], x) -> x`, each compiled on its
     own and run one after the other (what an op-by-op framework does): the counts, flops and
     bytes are summed over the stages, the time is that of the whole chain."""
     stages = list(fn) if isinstance(fn, Sequence) else [fn]
-    *fixed, x = args
-    compiled, texts = [], []
+    *fixed, x = _on_device(args, platform)
+    compiled, lowered = [], []
     for i, stage in enumerate(stages):
-        c = jax.jit(stage).lower(*fixed, x).compile()
-        compiled.append(c)
-        texts.append(c.as_text())
+        lowered.append(jax.jit(stage).lower(*fixed, x))
+        compiled.append(lowered[-1].compile())
         if i + 1 < len(stages):
             x = jax.eval_shape(stage, *fixed, x)
     if save_hlo is not None:
         Path(save_hlo).parent.mkdir(parents=True, exist_ok=True)
-        Path(save_hlo).write_text("\n\n".join(texts))
-    fusions, standalone, custom, movement = Counter(), Counter(), Counter(), []
-    flops = bytes_accessed = 0.0
-    temp = 0
-    for c, text in zip(compiled, texts, strict=True):
-        f, s, k = count_hlo(text)
-        fusions, standalone, custom = fusions + f, standalone + s, custom + k
-        movement += data_movement_fusions(text)
-        cost = c.cost_analysis() or {}
-        flops += float(cost.get("flops", 0.0))
-        bytes_accessed += float(cost.get("bytes accessed", 0.0))
-        temp = max(temp, int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0)))
+        Path(save_hlo).write_text("\n\n".join(c.as_text() for c in compiled))
+    fusions, unfused, library, movement, library_bodies = Counter(), Counter(), Counter(), [], []
+    launches = moved = temp = 0
+    flops, costs = 0.0, []
+    for lo, c in zip(lowered, compiled, strict=True):
+        mod = hlo.optimized(c)
+        k = hlo.kernels(mod)
+        fusions, unfused = fusions + Counter(k.fusions), unfused + Counter(k.unfused)
+        library += Counter(k.library_calls)
+        launches, moved = launches + k.launches, moved + k.hbm_bytes
+        for kind, body in hlo.fusion_bodies(mod):
+            if body.keys() & {"concatenate", "transpose", "gather"}:
+                movement.append(dict(body))
+            if kind == "kCustom":
+                library_bodies.append(dict(body))
+        flops += hlo.flops(lo)
+        costs.append(hlo.xla_cost_analysis(c).get("bytes accessed"))
+        temp = max(temp, int(c.memory_analysis().temp_size_in_bytes))
 
     def run_chain():
         y = args[-1]
         for c in compiled:
-            y = c(*fixed, y)
+            y = c(*args[:-1], y)
         return y
 
-    memory_first, memory_last = compiled[0].memory_analysis(), compiled[-1].memory_analysis()
     return FusionReport(
         name=name,
         fusions=dict(fusions),
-        standalone=dict(standalone),
-        custom_calls=dict(custom),
+        unfused=dict(unfused),
+        library_calls=dict(library),
         data_movement_fusions=movement,
+        library_fusions=library_bodies,
+        launches=launches,
         flops=flops,
-        bytes_accessed=bytes_accessed,
+        hbm_bytes=moved,
+        bytes_accessed=None if None in costs else sum(map(float, costs)),
         temp_bytes=temp,
-        argument_bytes=int(getattr(memory_first, "argument_size_in_bytes", 0)),
-        output_bytes=int(getattr(memory_last, "output_size_in_bytes", 0)),
-        seconds=_median_seconds(run_chain, repeats),
+        argument_bytes=int(compiled[0].memory_analysis().argument_size_in_bytes),
+        output_bytes=int(compiled[-1].memory_analysis().output_size_in_bytes),
+        seconds=_median_seconds(run_chain, repeats if platform == "local" else 0),
     )
 
 
@@ -241,24 +186,35 @@ def _random_model(model: Any, seed: int = 0) -> Any:
     return with_values(model, jax.tree_util.tree_map_with_path(draw, values))
 
 
-def _as_pure(model: Any, mode: str, loss: Callable[[Any, jax.Array], jax.Array]):
-    """(f, params, stats): `f(params, stats, x)` is the eval forward or the train-mode gradient."""
+def _merged(graphdef: Any, params: Any, stats: Any, dtype: Any, train: bool) -> Any:
+    """The module with its parameters cast to the compute `dtype` (BatchNorm statistics stay
+    float32), in training or eval mode: what the train and eval steps do."""
+    m = nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(dtype), params), stats, copy=True)
+    m.train() if train else m.eval()
+    return m
+
+
+def _mean_square(m: Any, x: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(m(x).astype(jnp.float32)))
+
+
+def _as_pure(
+    model: Any, mode: str, loss: Callable[[Any, jax.Array], jax.Array], dtype: Any = jnp.float32
+):
+    """(f, params, stats): `f(params, stats, x)` is the eval forward or the train-mode gradient,
+    computed in `dtype` (float32 parameters and statistics, as in training)."""
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
     if mode == "forward":
 
         def f(params, stats, x):
-            m = nnx.merge(graphdef, params, stats, copy=True)
-            m.eval()
-            return m(x)
+            return _merged(graphdef, params, stats, dtype, False)(x.astype(dtype))
 
     elif mode == "train":
 
         def f(params, stats, x):
             def objective(p):
-                m = nnx.merge(graphdef, p, stats, copy=True)
-                m.train()
-                return loss(m, x)
+                return loss(_merged(graphdef, p, stats, dtype, True), x.astype(dtype))
 
             return jax.grad(objective)(params)
 
@@ -267,7 +223,7 @@ def _as_pure(model: Any, mode: str, loss: Callable[[Any, jax.Array], jax.Array])
     return f, params, stats
 
 
-def unit_case(channels: int, shuffle: str, depthwise: str, mode: str):
+def unit_case(channels: int, shuffle: str, depthwise: str, mode: str, dtype: Any = jnp.float32):
     """One stride-1 ShuffleUnit."""
     unit = nnx.eval_shape(
         lambda: ShuffleUnit(
@@ -278,7 +234,7 @@ def unit_case(channels: int, shuffle: str, depthwise: str, mode: str):
             rngs=nnx.Rngs(0),
         )
     )
-    return _as_pure(_random_model(unit), mode, lambda m, x: jnp.mean(m(x) ** 2))
+    return _as_pure(_random_model(unit), mode, _mean_square, dtype)
 
 
 class UnitPair(nnx.Module):
@@ -312,9 +268,9 @@ class UnitPair(nnx.Module):
         return ops.channel_shuffle(jnp.concatenate([passthrough, y], -1), 2)
 
 
-def pair_case(channels: int, shuffle: str, depthwise: str, mode: str):
+def pair_case(channels: int, shuffle: str, depthwise: str, mode: str, dtype: Any = jnp.float32):
     pair = nnx.eval_shape(lambda: UnitPair(channels, shuffle, depthwise, nnx.Rngs(0)))
-    return _as_pure(_random_model(pair), mode, lambda m, x: jnp.mean(m(x) ** 2))
+    return _as_pure(_random_model(pair), mode, _mean_square, dtype)
 
 
 class ConvBnRelu(nnx.Module):
@@ -330,13 +286,13 @@ class ConvBnRelu(nnx.Module):
         return nnx.relu(self.bn(self.conv(x)))
 
 
-def block_case(channels: int, bn_relu: str, mode: str):
+def block_case(channels: int, bn_relu: str, mode: str, dtype: Any = jnp.float32):
     """`bn_relu="fused"`: one compiled function; `"separate"`: conv, BN and ReLU compiled as
     three programs run in turn, each writing its result to memory (forward only). An
     optimization barrier cannot stand in for the latter: XLA's CPU pipeline removes barriers
     before fusing."""
     block = _random_model(nnx.eval_shape(lambda: ConvBnRelu(channels, nnx.Rngs(0))))
-    f, params, stats = _as_pure(block, mode, lambda m, x: jnp.mean(m(x) ** 2))
+    f, params, stats = _as_pure(block, mode, _mean_square, dtype)
     if bn_relu == "fused":
         return f, params, stats
     if bn_relu != "separate" or mode != "forward":
@@ -345,9 +301,7 @@ def block_case(channels: int, bn_relu: str, mode: str):
 
     def stage(pick):
         def run(params, stats, x):
-            m = nnx.merge(graphdef, params, stats, copy=True)
-            m.eval()
-            return pick(m, x)
+            return pick(_merged(graphdef, params, stats, dtype, False), x.astype(dtype))
 
         return run
 
@@ -359,16 +313,16 @@ def block_case(channels: int, bn_relu: str, mode: str):
     return stages, params, stats
 
 
-def net_case(width: float, shuffle: str, depthwise: str, mode: str):
+def net_case(width: float, shuffle: str, depthwise: str, mode: str, dtype: Any = jnp.float32):
     model = abstract_model(width, 1000, ops=impls.named_ops(shuffle=shuffle, depthwise=depthwise))
 
     def loss(m, x):
-        logits = m(x)
+        logits = m(x).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(
             logits, jnp.zeros(x.shape[0], jnp.int32)
         ).mean()
 
-    return _as_pure(_random_model(model), mode, loss)
+    return _as_pure(_random_model(model), mode, loss, dtype)
 
 
 SHUFFLES = ("transpose", "stack", "gather")
@@ -390,58 +344,51 @@ def variants(target: str, compare: str) -> list[dict[str, str]]:
     return out
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def build(target: str, variant: dict[str, str], args: argparse.Namespace):
     """(f, params, stats, x) for one variant."""
+    dtype = DTYPES[args.dtype]
     if target == "net":
-        f, p, s = net_case(args.width, variant["shuffle"], variant["depthwise"], args.mode)
-        x = jnp.ones((args.batch, args.size, args.size, 3))
+        f, p, s = net_case(args.width, variant["shuffle"], variant["depthwise"], args.mode, dtype)
+        channels = 3
     elif target == "block":
-        f, p, s = block_case(args.channels, variant["bn_relu"], args.mode)
-        x = jnp.ones((args.batch, args.size, args.size, args.channels))
+        f, p, s = block_case(args.channels, variant["bn_relu"], args.mode, dtype)
+        channels = args.channels
     else:
         case = unit_case if target == "unit" else pair_case
-        f, p, s = case(args.channels, variant["shuffle"], variant["depthwise"], args.mode)
-        x = jnp.ones((args.batch, args.size, args.size, args.channels))
-    x = jax.random.normal(jax.random.key(0), x.shape)
+        f, p, s = case(args.channels, variant["shuffle"], variant["depthwise"], args.mode, dtype)
+        channels = args.channels
+    x = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, channels))
     return f, p, s, x
 
 
+COLUMNS = {  # summary key -> table heading
+    "fusions": "fusions",
+    "library_calls": "library",
+    "launches": "kernels",
+    "unfused_transpose": "transp",
+    "unfused_copy": "copy",
+    "unfused_concatenate": "concat",
+    "unfused_gather": "gather",
+    "gflops": "gflops",
+    "mb_moved": "MB moved",
+    "mb_accessed": "MB acc",
+    "temp_mb": "temp MB",
+    "ms": "ms",
+}
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = [
-        "variant",
-        "fusions",
-        "standalone_transpose",
-        "standalone_copy",
-        "standalone_concatenate",
-        "standalone_gather",
-        "custom_calls",
-        "gflops",
-        "mb_accessed",
-        "temp_mb",
-        "ms",
-    ]
-    short = {
-        "standalone_transpose": "transp",
-        "standalone_copy": "copy",
-        "standalone_concatenate": "concat",
-        "standalone_gather": "gather",
-        "custom_calls": "custom",
-        "mb_accessed": "MB acc",
-        "temp_mb": "temp MB",
-    }
-    head = " ".join(f"{short.get(c, c):>9s}" if c != "variant" else f"{c:36s}" for c in cols)
-    lines = [head]
+    """A header line and a line per row: the variant, then `COLUMNS`."""
+
+    def cell(v: Any) -> str:
+        return f"{v:9.3f}" if isinstance(v, float) else f"{'-' if v is None else v!s:>9s}"
+
+    lines = [f"{'variant':36s} " + " ".join(f"{h:>9s}" for h in COLUMNS.values())]
     for r in rows:
-        cells = []
-        for c in cols:
-            v = r[c]
-            if c == "variant":
-                cells.append(f"{v:36s}")
-            elif isinstance(v, float):
-                cells.append(f"{v:9.3f}")
-            else:
-                cells.append(f"{v!s:>9s}")
-        lines.append(" ".join(cells))
+        lines.append(f"{r['variant']:36s} " + " ".join(cell(r[c]) for c in COLUMNS))
     return "\n".join(lines)
 
 
@@ -450,25 +397,32 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for variant in variants(args.target, args.compare):
         label = ",".join(f"{k}={v}" for k, v in variant.items())
         f, p, s, x = build(args.target, variant, args)
-        hlo = None
+        hlo_file = None
         if args.save_hlo:
-            hlo = Path(args.save_hlo) / f"{args.target}_{args.mode}_{label.replace(',', '_')}.txt"
-        report = analyze(f, p, s, x, name=label, repeats=args.repeats, save_hlo=hlo)
+            stem = f"{args.platform}_{args.dtype}_{args.target}_{args.mode}_{label}"
+            hlo_file = Path(args.save_hlo) / (stem.replace(",", "_").replace(":", "") + ".txt")
+        report = analyze(
+            f, p, s, x, name=label, repeats=args.repeats, save_hlo=hlo_file, platform=args.platform
+        )
         row = {
             "variant": label,
             **report.summary(),
             "fusion_kinds": report.fusions,
-            "standalone_ops": report.standalone,
-            "custom_call_targets": report.custom_calls,
+            "unfused_ops": report.unfused,
+            "library_call_targets": report.library_calls,
             "flops": report.flops,
+            "hbm_bytes": report.hbm_bytes,
             "bytes_accessed": report.bytes_accessed,
             "data_movement_fusions": report.data_movement_fusions,
+            "library_fusions": report.library_fusions,
         }
         rows.append(row)
         print(format_table([row]).splitlines()[-1], flush=True)
         if args.evidence:
             for body in report.data_movement_fusions:
                 print(f"    a fusion holding {dict(sorted(body.items()))}")
+            for body in report.library_fusions:
+                print(f"    a library fusion holding {dict(sorted(body.items()))}")
     return rows
 
 
@@ -476,6 +430,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--target", choices=["unit", "pair", "block", "net"], default="unit")
     p.add_argument("--mode", choices=["forward", "train"], default="forward")
+    p.add_argument(
+        "--platform",
+        choices=["local", *targets.TARGETS],
+        default="local",
+        help="compile for this machine's default device (and time it) or, without the device, "
+        "for one device of an accelerator target (needs the [aot] extra)",
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
     p.add_argument(
         "--compare",
         choices=["shuffle", "depthwise", "all"],
@@ -497,31 +459,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--evidence",
         action="store_true",
-        help="print the ops of each fusion holding a concatenate/transpose/gather",
+        help="print the ops of each fusion holding a concatenate/transpose/gather, and of each "
+        "library (kCustom) fusion",
     )
     args = p.parse_args(argv)
     if args.size is None:
         args.size = 224 if args.target == "net" else 28
+    if args.platform != "local":
+        targets.check_plugin(targets.get(args.platform))
+        jax.config.update("jax_platforms", "cpu")  # the plugins' own devices are not needed
     print(
-        f"{args.target} {args.mode} on {jax.devices()[0].platform}: batch {args.batch}, "
+        f"{args.target} {args.mode} {args.dtype} for {args.platform}: batch {args.batch}, "
         f"{args.size}x{args.size}" + ("" if args.target == "net" else f", {args.channels} ch")
     )
     print(format_table([]))
     rows = run(args)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "target": args.target,
-                    "mode": args.mode,
-                    "batch": args.batch,
-                    "size": args.size,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        keys = ("platform", "dtype", "target", "mode", "batch", "size")
+        summary = {k: getattr(args, k) for k in keys} | {"jax": jax.__version__, "rows": rows}
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+import re
+
 import jax
 import numpy as np
 from flax import nnx
@@ -39,3 +41,19 @@ def set_fields(config, **fields):
             raise KeyError(f"no single config section has the field {name!r}")
         setattr(sections[0], name, value)
     return config
+
+
+def count_independently(text):
+    """Counts straight from the HLO text, outside fusion bodies: fusion instructions (single or
+    tuple results), and library kernels (custom calls, and kCustom fusions that name a backend
+    kind). A computation is a block from its header line (`name (...) -> ... {`) to `}`."""
+    blocks = re.findall(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\n(.*?)^\}", text, re.MULTILINE | re.DOTALL)
+    fusion_line = re.compile(r"^\s*(?:ROOT )?%?\S+ = .*? fusion\(.*$", re.MULTILINE)
+    bodies = {m for _, body in blocks for line in fusion_line.findall(body)
+              for m in re.findall(r"calls=%?([\w.\-]+)", line)}  # fmt: skip
+    fusions = [f for name, body in blocks if name not in bodies for f in fusion_line.findall(body)]
+    custom = sum(
+        len(re.findall(r"custom_call_target=", body)) for name, body in blocks if name not in bodies
+    )
+    custom += sum("kind=kCustom" in f and '"fusion_backend_config"' in f for f in fusions)
+    return len(fusions), custom

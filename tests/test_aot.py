@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs import digits
+from lab import fusion
 from shufflenet_jax.aot import compile as aot
 from shufflenet_jax.aot import hlo, targets
 from shufflenet_jax.model.layers import Conv2d
@@ -25,7 +27,7 @@ from shufflenet_jax.ops import native
 from shufflenet_jax.train import parallel
 from shufflenet_jax.train.state import model_kwargs
 
-from .helpers import set_fields
+from .helpers import count_independently, set_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,6 +124,36 @@ def test_the_eval_steps_fused_path_lowers_to_xla_off_the_cpu_and_to_the_kernels_
         pytest.fail(f"the C++ kernels do not build here: {native.status()}")
     cpu = aot.steps_on(config, parallel.make_mesh(1), "cpu")
     assert "custom_call @shufflenet_stage" in cpu.eval.lower(*cpu.eval_args(16)).as_text()
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("platform", ["h100", "v5e:2x2"])
+def test_fusion_lab_reads_a_units_bf16_training_kernels_from_the_targets_compiler(
+    platform, tmp_path
+):
+    """One stride-1 unit's bf16 gradient, with the depthwise convolution as shifted
+    multiply-adds and as `lax.conv`: counts agree with the HLO text; on the GPU only the
+    latter is a cuDNN call; no timing and no C++ kernel off the CPU."""
+    reports = {}
+    for depthwise in ("shifted", "lax"):
+        f, params, stats = fusion.unit_case(58, "transpose", depthwise, "train", jnp.bfloat16)
+        x = jnp.ones((2, 8, 8, 58))
+        hlo_file = tmp_path / f"{depthwise}.txt"
+        r = fusion.analyze(f, params, stats, x, save_hlo=hlo_file, platform=platform)
+        text = hlo_file.read_text()
+        assert (sum(r.fusions.values()), sum(r.library_calls.values())) == count_independently(text)
+        assert r.seconds is None and r.flops > 0 and r.hbm_bytes > 0
+        assert 'custom_call_target="shufflenet_' not in text
+        reports[depthwise] = r
+    cudnn = {
+        d: sum(n for k, n in r.library_calls.items() if "cudnn" in k) for d, r in reports.items()
+    }
+    if platform == "h100":
+        assert cudnn["shifted"] == 0 and cudnn["lax"] >= 2, cudnn  # forward, kernel gradient
+        assert reports["shifted"].bytes_accessed is None  # XLA:GPU gives no cost analysis
+    else:
+        assert cudnn == {"shifted": 0, "lax": 0}
+        assert reports["shifted"].bytes_accessed > 0
 
 
 @pytest.mark.aot

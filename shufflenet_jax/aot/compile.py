@@ -129,8 +129,7 @@ def report(lowered: Any, compiled: Any, seconds: float, target: Target, batch: i
         "estimate": estimate(lowered, kernels, target, batch),
     }
     if target.platform == "tpu":
-        cost = compiled.cost_analysis() or {}
-        cost = cost[0] if isinstance(cost, list) else cost
+        cost = hlo.xla_cost_analysis(compiled)
         keep = ("flops", "bytes accessed", "optimal_seconds")
         out["xla_cost_analysis"] = {k: float(cost[k]) for k in keep if k in cost}
     return out

@@ -115,6 +115,13 @@ def optimized(compiled: Any) -> Any:
     return mod
 
 
+def xla_cost_analysis(compiled: Any) -> dict[str, float]:
+    """XLA's own cost analysis of a compiled program (CPU, TPU); empty where the compiler
+    gives none (GPUs)."""
+    cost = compiled.cost_analysis() or {}
+    return dict(cost[0] if isinstance(cost, list) else cost)
+
+
 def _kernel_computations(mod: Any) -> list[Any]:
     """The entry computation and those it runs as control flow (calls, loops, conditionals,
     asynchronous wrappers); not fusion bodies or reducers."""
@@ -170,6 +177,30 @@ def kernels(mod: Any) -> Kernels:
         launches=launches,
         hbm_bytes=moved,
     )
+
+
+def fusion_bodies(mod: Any) -> list[tuple[str, Counter]]:
+    """For every fusion the module launches, its kind and the opcodes its body computes,
+    fusions nested in it included (parameters aside): what each kernel fused together."""
+    by_name = {c.name: c for c in mod.computations()}
+
+    def body_ops(name: str) -> Counter:
+        ops = Counter()
+        for i in by_name[name].instructions():
+            op = _opcode(i)
+            if op == "kFusion":
+                ops += body_ops(_attr(i.to_string(), "calls"))
+            elif op != "kParameter":
+                ops[opcode_name(op)] += 1
+        return ops
+
+    out = []
+    for comp in _kernel_computations(mod):
+        for ins in comp.instructions():
+            if _opcode(ins) == "kFusion":
+                text = ins.to_string()
+                out.append((_attr(text, "kind") or "?", body_ops(_attr(text, "calls"))))
+    return out
 
 
 def collectives(mod: Any) -> dict[str, dict[str, int]]:

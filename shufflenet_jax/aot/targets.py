@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,9 @@ def topology(target: Target) -> Any:
     """The target's devices, described for the compiler (nothing is attached)."""
     check_plugin(target)
     if target.platform == "tpu":
+        # libtpu takes a machine-wide lock on its first load, for the chips; a deviceless
+        # compile uses none, so other processes compiling at once (pytest -n 2) need not wait
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return topologies.get_topology_desc(target.topology, "tpu")
     text = (SPECS / target.spec).read_text()
     try:
