@@ -170,6 +170,7 @@ def test_epochs_are_reshuffled_permutations_of_the_share(train_split):
     assert not np.array_equal(first, second)
 
 
+@pytest.mark.os_level
 def test_worker_processes_give_a_reproducible_restorable_stream(train_split):
     from absl import flags
 
@@ -197,6 +198,7 @@ def test_worker_processes_without_the_process_setup_are_a_clear_error(digits_dat
     assert "call shufflenet_jax.process.setup_process() first" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.os_level
 def test_worker_processes_find_the_host_libraries_built(digits_data_dir, tmp_path):
     """Built once by the process that starts the workers, not compiled again by each of them
     on a cold cache (a second or more each)."""

@@ -41,6 +41,7 @@ def unusable_warnings(caplog):
     return [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
 
 
+@pytest.mark.os_level
 @pytest.mark.parametrize("damage", ["truncate", "garbage_metadata"])
 def test_a_corrupt_newest_checkpoint_is_moved_aside_and_saving_goes_on(
     damage, digits_data_dir, tmp_path, caplog
@@ -63,6 +64,7 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_saving_goes_on(
     assert int(checkpoints.latest_weights(config, tmp_path)["step"]) == 6
 
 
+@pytest.mark.os_level
 def test_flipped_bytes_in_a_checkpoint_fail_its_digest(digits_data_dir, tmp_path, caplog):
     """Before: bytes flipped inside a data file (size unchanged) restored silently."""
     config = small_config(digits_data_dir, total_steps=4, checkpoint_every=2)
@@ -160,6 +162,7 @@ def test_an_empty_batch_is_refused_before_batchnorm_statistics_change():
     jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
+@pytest.mark.os_level
 def test_a_non_finite_loss_at_an_eval_step_that_is_no_log_step_writes_no_model(
     digits_data_dir, tmp_path
 ):
@@ -273,6 +276,7 @@ def test_an_unwritable_workdir_is_a_one_line_error_before_compiling(where, tmp_p
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.os_level
 def test_eval_py_says_which_checkpoint_step_it_evaluated(digits_data_dir, tmp_path):
     config = small_config(digits_data_dir, total_steps=3, checkpoint_every=3)
     train_and_evaluate(config, tmp_path)
@@ -296,6 +300,7 @@ def test_eval_py_says_which_checkpoint_step_it_evaluated(digits_data_dir, tmp_pa
     assert json.loads((tmp_path / "e.json").read_text())["model"]["examples"] == 359
 
 
+@pytest.mark.os_level
 def test_a_checkpoint_written_before_digests_were_recorded_still_resumes(
     digits_data_dir, tmp_path, caplog
 ):
