@@ -204,13 +204,15 @@ def fusion_bodies(mod: Any) -> list[tuple[str, Counter]]:
 
 
 def collectives(mod: Any) -> dict[str, dict[str, int]]:
-    """Every collective in the module, fused or not: opcode -> count and result bytes."""
+    """Every collective in the module, fused or not: opcode -> count and result bytes (an
+    asynchronous `all-reduce-start` counts as the `all-reduce` it starts)."""
     out: dict[str, dict[str, int]] = {}
     for comp in mod.computations():
         for ins in comp.instructions():
             op = _opcode(ins)
             if op in _COLLECTIVES:
-                entry = out.setdefault(opcode_name(op), {"count": 0, "bytes": 0})
+                name = opcode_name(op).removesuffix("-start")
+                entry = out.setdefault(name, {"count": 0, "bytes": 0})
                 entry["count"] += 1
                 entry["bytes"] += type_bytes(_result_type(ins.to_string()), False)
     return out
