@@ -195,6 +195,28 @@ def test_max_batch_doubles_then_bisects_to_the_largest_that_fits(monkeypatch):
     assert tried == [16, 32, 64, 48, 40, 36, 38, 37]
 
 
+def test_a_gpu_step_fits_in_what_jax_preallocates_not_the_whole_device(monkeypatch):
+    """A real H100 run gets 75% of the memory (JAX's allocator); a step between that and the
+    device's size compiles deviceless but would not run there. TPUs get all of it."""
+    h100, v5e = targets.get("h100"), targets.get("v5e:2x2")
+
+    class Compiled:  # what XLA's memory analysis of a step reports
+        def __init__(self, total):
+            sizes = dict(argument_size_in_bytes=total, output_size_in_bytes=0)
+            sizes |= dict(alias_size_in_bytes=0, temp_size_in_bytes=0)
+            self.analysis = type("Analysis", (), sizes)
+
+        def memory_analysis(self):
+            return self.analysis
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert aot.memory(Compiled(int(0.7 * h100.hbm_bytes)), h100)["fits"]
+    assert not aot.memory(Compiled(int(0.8 * h100.hbm_bytes)), h100)["fits"]
+    assert aot.memory(Compiled(int(0.8 * v5e.hbm_bytes)), v5e)["fits"]
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    assert aot.memory(Compiled(int(0.8 * h100.hbm_bytes)), h100)["fits"]
+
+
 def test_saved_steps_load_and_compute_what_the_compiled_ones_do(tmp_path):
     """The CPU's executables, since loading needs the device they were compiled for."""
     x = jax.numpy.arange(6.0)

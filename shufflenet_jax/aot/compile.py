@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from shufflenet_jax.aot import hlo
-from shufflenet_jax.aot.targets import Target, make_mesh, platform
+from shufflenet_jax.aot.targets import Target, make_mesh, platform, usable_bytes
 from shufflenet_jax.model.network import abstract_model
 from shufflenet_jax.train import optim, parallel, step
 from shufflenet_jax.train.state import abstract_state, model_kwargs
@@ -81,7 +81,7 @@ def compile_step(jitted: Any, args: tuple) -> tuple[Any, Any, float]:
 
 def memory(compiled: Any, target: Target) -> dict[str, Any]:
     """Per-device bytes from XLA's memory analysis; donated arguments that alias outputs are
-    counted once."""
+    counted once. A step fits when its total is within what JAX lets programs use there."""
     m = compiled.memory_analysis()
     total = (
         m.argument_size_in_bytes
@@ -96,7 +96,8 @@ def memory(compiled: Any, target: Target) -> dict[str, Any]:
         "temp_bytes": m.temp_size_in_bytes,
         "total_bytes": total,
         "device_bytes": target.hbm_bytes,
-        "fits": total <= target.hbm_bytes,
+        "usable_bytes": usable_bytes(target),
+        "fits": total <= usable_bytes(target),
     }
 
 
@@ -229,7 +230,8 @@ def describe(out: dict[str, Any], target: Target) -> str:
             f"  memory per device: arguments {gib(m['argument_bytes'])}, outputs "
             f"{gib(m['output_bytes'])} ({gib(m['alias_bytes'])} donated), temp "
             f"{gib(m['temp_bytes'])}, total {gib(m['total_bytes'])} of "
-            f"{gib(m['device_bytes'])}: {'fits' if m['fits'] else 'DOES NOT FIT'}",
+            f"{gib(m['usable_bytes'])} usable ({gib(m['device_bytes'])} on the device): "
+            f"{'fits' if m['fits'] else 'DOES NOT FIT'}",
             f"  kernels per step {r['kernels']}: fusions {r['fusions']}",
             f"  library calls {r['library_calls']}",
             f"  outside fusions and libraries {r['unfused']}",

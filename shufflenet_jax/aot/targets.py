@@ -83,6 +83,20 @@ TARGETS: dict[str, Target] = {
 }
 
 
+# The share of a GPU's memory JAX's allocator takes for programs by default
+# (XLA_PYTHON_CLIENT_MEM_FRACTION); XLA:GPU's own memory limit when compiling is below it too.
+GPU_MEMORY_FRACTION = 0.75
+
+
+def usable_bytes(target: Target) -> int:
+    """The memory a step may use on one device of `target`: on a GPU the fraction JAX's
+    allocator preallocates (`XLA_PYTHON_CLIENT_MEM_FRACTION`, default 0.75), on a TPU all."""
+    if target.platform != "cuda":
+        return target.hbm_bytes
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
+    return int(fraction * target.hbm_bytes)
+
+
 def get(name: str) -> Target:
     """The target called `name`; a one-line error naming the known ones."""
     if name not in TARGETS:
