@@ -126,6 +126,25 @@ def analyze(
     if save_hlo is not None:
         Path(save_hlo).parent.mkdir(parents=True, exist_ok=True)
         Path(save_hlo).write_text("\n\n".join(c.as_text() for c in compiled))
+    counts = _count(lowered, compiled)
+
+    def run_chain():
+        y = args[-1]
+        for c in compiled:
+            y = c(*args[:-1], y)
+        return y
+
+    return FusionReport(
+        name=name,
+        **counts,
+        argument_bytes=int(compiled[0].memory_analysis().argument_size_in_bytes),
+        output_bytes=int(compiled[-1].memory_analysis().output_size_in_bytes),
+        seconds=_median_seconds(run_chain, repeats if platform == "local" else 0),
+    )
+
+
+def _count(lowered: list[Any], compiled: list[Any]) -> dict[str, Any]:
+    """The `FusionReport` fields summed over compiled stages, from their optimized modules."""
     fusions, unfused, library, movement, library_bodies = Counter(), Counter(), Counter(), [], []
     launches = moved = temp = 0
     flops, costs = 0.0, []
@@ -143,15 +162,7 @@ def analyze(
         flops += hlo.flops(lo)
         costs.append(hlo.xla_cost_analysis(c).get("bytes accessed"))
         temp = max(temp, int(c.memory_analysis().temp_size_in_bytes))
-
-    def run_chain():
-        y = args[-1]
-        for c in compiled:
-            y = c(*args[:-1], y)
-        return y
-
-    return FusionReport(
-        name=name,
+    return dict(
         fusions=dict(fusions),
         unfused=dict(unfused),
         library_calls=dict(library),
@@ -162,9 +173,6 @@ def analyze(
         hbm_bytes=moved,
         bytes_accessed=None if None in costs else sum(map(float, costs)),
         temp_bytes=temp,
-        argument_bytes=int(compiled[0].memory_analysis().argument_size_in_bytes),
-        output_bytes=int(compiled[-1].memory_analysis().output_size_in_bytes),
-        seconds=_median_seconds(run_chain, repeats if platform == "local" else 0),
     )
 
 
