@@ -33,12 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lab import variants as impls
 from shufflenet_jax import ops
 from shufflenet_jax.aot import hlo, targets
 from shufflenet_jax.model.network import ShuffleUnit, abstract_model, with_values
+from shufflenet_jax.train import parallel
 
 
 @dataclasses.dataclass
@@ -92,8 +92,7 @@ def _on_device(args: Sequence[Any], platform: str) -> list[Any]:
     materialized there), or unchanged for this machine's own device ("local")."""
     if platform == "local":
         return list(args)
-    devices = targets.topology(targets.get(platform)).devices
-    one = NamedSharding(Mesh(np.array(devices[:1]), ("data",)), PartitionSpec())
+    one = parallel.replicated(targets.make_mesh(targets.get(platform), 1))
     return [
         jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), arg)
         for arg in args

@@ -82,7 +82,7 @@ def compile_step(jitted: Any, args: tuple) -> tuple[Any, Any, float]:
 def memory(compiled: Any, target: Target) -> dict[str, Any]:
     """Per-device bytes from XLA's memory analysis; donated arguments that alias outputs are
     counted once. A step fits when its total is within what JAX lets programs use there."""
-    m = compiled.memory_analysis()
+    m, usable = compiled.memory_analysis(), usable_bytes(target)
     total = (
         m.argument_size_in_bytes
         + m.output_size_in_bytes
@@ -96,8 +96,8 @@ def memory(compiled: Any, target: Target) -> dict[str, Any]:
         "temp_bytes": m.temp_size_in_bytes,
         "total_bytes": total,
         "device_bytes": target.hbm_bytes,
-        "usable_bytes": usable_bytes(target),
-        "fits": total <= usable_bytes(target),
+        "usable_bytes": usable,
+        "fits": total <= usable,
     }
 
 

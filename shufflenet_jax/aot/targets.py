@@ -140,10 +140,11 @@ def _gpu_topology(target: Target, text: str) -> Any:
     )
 
 
-def make_mesh(target: Target) -> Mesh:
-    """A 1-D `data` mesh over the target's devices, as `train.parallel.make_mesh` builds."""
+def make_mesh(target: Target, num_devices: int = 0) -> Mesh:
+    """A 1-D `data` mesh over the target's first `num_devices` devices (0: all of them), as
+    `train.parallel.make_mesh` builds."""
     devices = topology(target).devices
-    return Mesh(np.array(devices[: target.devices]), ("data",))
+    return Mesh(np.array(devices[: num_devices or target.devices]), ("data",))
 
 
 def platform(target: Target) -> str:
