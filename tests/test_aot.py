@@ -7,6 +7,7 @@ The compiling tests are marked `aot`: they need JAX's CUDA plugin and libtpu
 """
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -180,19 +181,52 @@ def test_train_py_names_a_bad_target_in_one_line():
     assert out.stderr.strip().splitlines()[-1].startswith("error: unknown target 'a100'")
 
 
-def test_max_batch_doubles_then_bisects_to_the_largest_that_fits(monkeypatch):
+def _search_with(monkeypatch, bytes_at, start, start_bytes=None):
+    """aot.max_batch with a step whose memory per device is `bytes_at(batch)`."""
     tried = []
 
-    def fits(jitted, args_at, per_device, target):
+    def total_bytes(jitted, args_at, per_device, target):
         tried.append(per_device)
-        return per_device <= 37
+        return bytes_at(per_device)
 
-    monkeypatch.setattr(aot, "fits", fits)
-    assert aot.max_batch(None, None, 8, targets.get("h100")) == (37, len(tried))
-    assert tried == [8, 16, 32, 64, 48, 40, 36, 38, 37]
-    tried.clear()  # the config's own batch, already compiled, is not compiled again
-    assert aot.max_batch(None, None, 8, targets.get("h100"), start_fits=True) == (37, 8)
-    assert tried == [16, 32, 64, 48, 40, 36, 38, 37]
+    monkeypatch.setattr(aot, "total_bytes", total_bytes)
+    return aot.max_batch(None, None, start, targets.get("h100"), start_bytes), tried
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "linear",
+        "flattening (rematerialized)",
+        "refused where it would not fit",
+        "refused far below the line",
+        "start too big",
+    ],
+)
+def test_max_batch_brackets_the_limit_within_a_32nd_in_few_compiles(monkeypatch, case):
+    """Whole-network compiles take a minute or more each; the search must close in on the
+    limit from how memory grows, whatever the compiler does near it."""
+    usable = targets.usable_bytes(targets.get("h100"))
+    linear = lambda b: 2**30 + b * 3 * 2**20  # noqa: E731
+    inf_over = lambda m: m if m <= usable else math.inf  # noqa: E731
+    bytes_at, start = {
+        "linear": (linear, 256),
+        "flattening (rematerialized)": (lambda b: min(linear(b), 0.9 * usable + b * 2**18), 256),
+        "refused where it would not fit": (lambda b: inf_over(linear(b)), 256),
+        "refused far below the line": (lambda b: linear(b) if b < 9000 else math.inf, 256),
+        "start too big": (linear, 40000),
+    }[case]
+    found, tried = _search_with(monkeypatch, bytes_at, start)
+    assert bytes_at(found.largest) <= usable < bytes_at(found.first_over)
+    assert found.first_over - found.largest <= max(1, found.largest // 32)
+    assert found.compiles == len(tried) == len(set(tried)) <= 10, tried
+
+
+def test_max_batch_does_not_compile_the_configs_own_batch_again(monkeypatch):
+    linear = lambda b: 2**30 + b * 3 * 2**20  # noqa: E731
+    found, tried = _search_with(monkeypatch, linear, 256, start_bytes=linear(256))
+    assert 256 not in tried and found.compiles == len(tried)
+    assert found.largest > 256
 
 
 def test_a_gpu_step_fits_in_what_jax_preallocates_not_the_whole_device(monkeypatch):

@@ -9,6 +9,7 @@ target's mesh, as MaxText's train_compile.py does.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 import time
 from pathlib import Path
@@ -136,40 +137,79 @@ def report(lowered: Any, compiled: Any, seconds: float, target: Target, batch: i
     return out
 
 
-def fits(jitted: Any, args_at: Any, per_device: int, target: Target) -> bool:
-    """Whether the step compiles within the device's memory at `per_device` images per device
-    (a compiler that refuses for lack of memory counts as not fitting)."""
+def total_bytes(jitted: Any, args_at: Any, per_device: int, target: Target) -> float:
+    """The step's per-device memory at `per_device` images per device; infinite when the
+    compiler refuses for lack of memory."""
     try:
         _, compiled, _ = compile_step(jitted, args_at(per_device * target.devices))
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
-            return False
+            return math.inf
         raise
-    return memory(compiled, target)["fits"]
+    return memory(compiled, target)["total_bytes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSearch:
+    """The largest per-device batch found to fit, the smallest found not to (None if none was
+    tried), and the compiles the search took."""
+
+    largest: int
+    first_over: int | None
+    compiles: int
+
+
+def _next_probe(
+    seen: dict[int, float], usable: float, lo: int, hi: int | None, bisect: bool
+) -> int:
+    """Where a line through the two measured batches nearest the limit reaches `usable`
+    (memory grows about linearly with the batch); the bracket's middle when the line misses it
+    or `bisect` (the last two probes fell on one side: the line is not closing in)."""
+    step = max(1, lo // 32)
+    finite = [(b, m) for b, m in seen.items() if math.isfinite(m)]
+    near = sorted(finite, key=lambda bm: abs(bm[1] - usable))[:2]
+    guess = None
+    if len(near) == 2 and near[0][0] != near[1][0]:
+        (b1, m1), (b2, m2) = near
+        slope = (m2 - m1) / (b2 - b1)
+        if slope > 0:
+            guess = b1 + (usable - m1) / slope
+    if hi is None:
+        guess = 2 * max(lo, 1) if guess is None else min(guess, 64 * max(lo, 1))
+    elif bisect or guess is None or not lo < guess < hi:
+        guess = (lo + hi) / 2
+    top = math.inf if hi is None else hi - step
+    return int(min(max(math.floor(guess), lo + step), top))
 
 
 def max_batch(
-    jitted: Any, args_at: Any, start: int, target: Target, start_fits: bool | None = None
-) -> tuple[int, int]:
-    """(largest per-device batch that fits, compiles it took): doubling from `start`, then
-    bisection between the last that fitted and the first that did not. `start_fits`, when
-    already known from a compile at `start`, saves that compile."""
-    known = {} if start_fits is None else {start: start_fits}
-
-    def probe(per_device: int) -> bool:
-        if per_device not in known:
-            known[per_device] = fits(jitted, args_at, per_device, target)
-        return known[per_device]
-
-    lo, hi = 0, start
-    while probe(hi):
-        lo, hi = hi, 2 * hi
-        if hi > 1 << 16:
-            break
-    while hi - lo > 1 and hi <= 1 << 16:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
-    return lo, len(known) - (start_fits is not None)
+    jitted: Any,
+    args_at: Any,
+    start: int,
+    target: Target,
+    start_bytes: float | None = None,
+    max_compiles: int = 10,
+) -> BatchSearch:
+    """The largest per-device batch whose step fits, to within 1/32 of it: probes `start` and
+    then where the measured memory extrapolates to the usable bytes, until the smallest batch
+    seen not to fit is within 1/32 above the largest seen to fit. `start_bytes`, when already
+    known from a compile at `start`, saves that compile."""
+    usable = usable_bytes(target)
+    seen = {} if start_bytes is None else {start: start_bytes}
+    compiles, sides = 0, []
+    probe = start
+    while True:
+        if probe not in seen:
+            seen[probe] = total_bytes(jitted, args_at, probe, target)
+            compiles += 1
+        sides.append(seen[probe] <= usable)
+        lo = max((b for b, m in seen.items() if m <= usable), default=0)
+        over = [b for b, m in seen.items() if m > usable]
+        hi = min(over) if over else None
+        done = hi is not None and hi - lo <= max(1, lo // 32)
+        if done or compiles >= max_compiles or (hi is None and lo >= 1 << 16):
+            return BatchSearch(lo, hi, compiles)
+        probe = _next_probe(seen, usable, lo, hi, sides[-2:] in ([True] * 2, [False] * 2))
 
 
 def compile_for(config: Any, target: Target, search: bool = False) -> tuple[dict, dict]:
@@ -190,11 +230,12 @@ def compile_for(config: Any, target: Target, search: bool = False) -> tuple[dict
         out[name]["max_per_device_batch"] = None
         executables[name] = compiled
         if search:
-            fitted = out[name]["memory"]["fits"]
-            start = batch // target.devices
-            largest, compiles = max_batch(jitted, args_at, start, target, fitted)
-            out[name]["max_per_device_batch"] = largest
-            out[name]["max_batch_compiles"] = compiles
+            found = max_batch(
+                jitted, args_at, batch // target.devices, target, out[name]["memory"]["total_bytes"]
+            )
+            out[name]["max_per_device_batch"] = found.largest
+            out[name]["first_per_device_batch_over"] = found.first_over
+            out[name]["max_batch_compiles"] = found.compiles
     return out, executables
 
 
@@ -243,8 +284,10 @@ def describe(out: dict[str, Any], target: Target) -> str:
         if "xla_cost_analysis" in r:
             lines.append(f"  XLA's cost analysis: {r['xla_cost_analysis']}")
         if r["max_per_device_batch"] is not None:
+            over = r["first_per_device_batch_over"]
             lines.append(
                 f"  largest per-device batch that fits: {r['max_per_device_batch']} "
-                f"({r['max_batch_compiles']} compiles)"
+                + (f"({over} does not" if over else "(searched no further")
+                + f"; {r['max_batch_compiles']} compiles)"
             )
     return "\n".join(lines)
