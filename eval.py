@@ -2,7 +2,8 @@
 
 Exactly one of --workdir (a training run: its newest checkpoint, and the EMA weights if any),
 --checkpoint (a model checkpoint directory, e.g. from shufflenet_jax.interop.convert or
-DIR/best/STEP) or --torch_weights (a torchvision .pth state_dict). With --image, classify those
+DIR/best/STEP), --torch_weights (a torchvision .pth state_dict) or an exported file (--onnx,
+--tflite, --stablehlo: `python -m shufflenet_jax.interop.export`). With --image, classify those
 files instead of evaluating a split.
 """
 
@@ -22,6 +23,9 @@ config_flags.DEFINE_config_file("config", None, "The model and data config.", lo
 flags.DEFINE_string("workdir", None, "A training workdir.")
 flags.DEFINE_string("checkpoint", None, "A model checkpoint directory.")
 flags.DEFINE_string("torch_weights", None, "A torchvision ShuffleNet V2 .pth file.")
+flags.DEFINE_string("onnx", None, "An exported .onnx file.")
+flags.DEFINE_string("tflite", None, "An exported .tflite file.")
+flags.DEFINE_string("stablehlo", None, "An exported .jaxexport file.")
 flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
 flags.DEFINE_string("json", None, "Write the results as JSON here.")
 flags.DEFINE_integer("recalibrate_bn", 0, "Re-estimate BN statistics over N training batches.")
@@ -48,7 +52,11 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     config = FLAGS.config
-    with one_line_errors(ValueError, OSError, CheckpointError):
+    exported = [f for f in (FLAGS.onnx, FLAGS.tflite, FLAGS.stablehlo) if f]
+    with one_line_errors(ValueError, OSError, CheckpointError, ImportError):
+        if exported:
+            _evaluate_exported(config, exported)
+            return
         models = evaluation.load_models(
             config,
             workdir=FLAGS.workdir,
@@ -86,6 +94,25 @@ def main(argv):
             json.dump(results, f, indent=2)
     if failed:
         raise SystemExit(1)
+
+
+def _evaluate_exported(config, files: list[str]) -> None:
+    """Evaluate one exported model file on the split, as a checkpoint is."""
+    if len(files) > 1 or FLAGS.workdir or FLAGS.checkpoint or FLAGS.torch_weights:
+        raise ValueError(
+            "give exactly one of --workdir, --checkpoint, --torch_weights, "
+            "--onnx, --tflite, --stablehlo"
+        )
+    if FLAGS.image or FLAGS.recalibrate_bn:
+        raise ValueError("an exported file is evaluated on a split (no --image, --recalibrate_bn)")
+    split = evaluation.eval_split(config, FLAGS.split)
+    results = {"exported": evaluation.evaluate_exported(files[0], config, split)}
+    print(f"weights: the exported file {files[0]}")
+    print(f"{config.data.dataset}/{split.split}")
+    print(_table(results))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/throughput.py [--widths 1.0] [--batches 1 32] [--repeats 5]
         [--torch-compile] [--no-fold-bn] [--ops fused:layers] [--json OUT]
     python benchmarks/throughput.py --fake-data [--fake-dtype bfloat16] --batches 256
+    python benchmarks/throughput.py --deploy [--cases readme ort_torchvision ...] [--json OUT]
 
 For each width and batch size it measures, alternating the frameworks round by round after a
 warm-up: inference images/s (eval mode), training-step images/s (forward, backward, SGD with
@@ -148,6 +149,132 @@ class TorchCase:
         loss = self.torch.nn.functional.cross_entropy(self.forward(self.x), self.y)
         loss.backward()
         self.opt.step()
+
+
+class ReadmeCase:
+    """README's inference path, `shufflenet_jax.predictor(model)`, or (`nnx_jit`) the plain
+    `nnx.jit` over the module that walks its graph every call."""
+
+    def __init__(self, width: float, batch: int, size: int, nnx_jit: bool = False):
+        from shufflenet_jax import predictor
+
+        model = ShuffleNetV2(width, rngs=nnx.Rngs(0))
+        model.eval()
+        x = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), np.float32))
+        if nnx_jit:
+            jitted = nnx.jit(lambda m, x: m(x))
+            self.call = lambda: jitted(model, x)
+        else:
+            predict = predictor(model)
+            self.call = lambda: predict(x)
+
+    def infer(self) -> None:
+        self.call().block_until_ready()
+
+
+class ExportedCase:
+    """An exported file run by ONNX Runtime or LiteRT: this package's export (`fmt` onnx or
+    tflite, float32 or int8) or torchvision's own `torch.onnx.export` (`fmt` torchvision)."""
+
+    def __init__(self, width: float, batch: int, size: int, fmt: str, int8: bool, tmp: str):
+        from shufflenet_jax.interop import export
+
+        rng = np.random.default_rng(0)
+        self.x = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+        if fmt == "torchvision":
+            self.run = _torchvision_onnx(width, batch, size, tmp)
+            self.x = np.ascontiguousarray(self.x.transpose(0, 3, 1, 2))
+            return
+        model = ShuffleNetV2(width, rngs=nnx.Rngs(0))
+        calibration = [rng.standard_normal((8, size, size, 3)).astype(np.float32)]
+        path = f"{tmp}/{fmt}_{width}_{batch}_{int8}{export.SUFFIXES[fmt]}"
+        export.export(
+            model,
+            fmt,
+            path,
+            image_size=size,
+            batch=None if fmt == "onnx" else batch,
+            calibration=calibration if int8 else None,
+        )
+        self.run = export.load(path)
+
+    def infer(self) -> None:
+        self.run(self.x)
+
+
+def _torchvision_onnx(width: float, batch: int, size: int, tmp: str) -> Callable:
+    """torchvision's model exported by torch.onnx.export (opset 17, dynamic batch), run by
+    ONNX Runtime with all graph optimizations: what a PyTorch user deploys on a CPU."""
+    import onnxruntime as ort
+    import torch
+    import torchvision
+
+    name = {0.5: "x0_5", 1.0: "x1_0", 1.5: "x1_5", 2.0: "x2_0"}[width]
+    model = getattr(torchvision.models, f"shufflenet_v2_{name}")().eval()
+    path = f"{tmp}/torchvision_{width}.onnx"
+    torch.onnx.export(
+        model,
+        (torch.zeros(batch, 3, size, size),),
+        path,
+        input_names=["images"],
+        opset_version=17,
+        dynamic_axes={"images": {0: "batch"}},
+        dynamo=False,
+    )
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"images": x})[0]
+
+
+DEPLOY_CASES = (
+    "readme",
+    "nnx_jit",
+    "torch_eager",
+    "torch_channels_last",
+    "ort_torchvision",
+    "ort_ours",
+    "ort_ours_int8",
+    "litert_ours",
+    "litert_ours_int8",
+)
+
+
+def _deploy_case(name: str, width: float, batch: int, size: int, tmp: str) -> object:
+    if name in ("readme", "nnx_jit"):
+        return ReadmeCase(width, batch, size, nnx_jit=name == "nnx_jit")
+    if name.startswith("torch_"):
+        return TorchCase(width, batch, size, name == "torch_channels_last", False)
+    fmt = {"ort_torchvision": "torchvision", "ort": "onnx", "litert": "tflite"}
+    key = name if name == "ort_torchvision" else name.split("_")[0]
+    return ExportedCase(width, batch, size, fmt[key], name.endswith("int8"), tmp)
+
+
+def deployment(args: argparse.Namespace) -> list[dict]:
+    """Inference images/s of README's path against PyTorch eager, ONNX Runtime (torchvision's
+    export and this package's) and LiteRT (this package's), float32 and int8, alternating
+    rounds in one process; `--cases` runs a subset (one alone: the shared-process check)."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for width in args.widths:
+            for batch in args.batches:
+                cases = {n: _deploy_case(n, width, batch, args.size, tmp) for n in args.cases}
+                row = {"width": width, "batch": batch, "size": args.size}
+                for case in cases.values():
+                    case.infer()
+                iters = max(1, args.images // batch)
+                times: dict[str, list[float]] = {name: [] for name in cases}
+                for _ in range(args.repeats):
+                    for name, case in cases.items():
+                        times[name].append(_median_seconds(case.infer, iters))
+                for name in cases:
+                    row[f"{name}_img_s"] = batch / statistics.median(times[name])
+                for name in cases:
+                    if name != "readme" and "readme" in cases:
+                        row[f"ratio_readme_vs_{name}"] = row["readme_img_s"] / row[f"{name}_img_s"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -537,6 +664,12 @@ def main() -> None:
         "the whole process, both frameworks; glibc-default: every step's large buffers are "
         "fresh mmaps that page-fault (docs/performance.md)",
     )
+    p.add_argument(
+        "--deploy",
+        action="store_true",
+        help="inference only: README's path against PyTorch, ONNX Runtime and LiteRT",
+    )
+    p.add_argument("--cases", nargs="+", default=list(DEPLOY_CASES), choices=DEPLOY_CASES)
     p.add_argument("--json", metavar="OUT")
     add_isa_option(p)
     args = p.parse_args()
@@ -555,6 +688,12 @@ def main() -> None:
                     f,
                     indent=1,
                 )
+        return
+    if args.deploy:
+        rows = deployment(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(_versions() | {"repeats": args.repeats, "results": rows}, f, indent=1)
         return
     report = run(args)
     if args.json:

@@ -18,6 +18,7 @@ from shufflenet_jax.model import (
     shufflenet_v2_x2_0,
 )
 from shufflenet_jax.ops import channel_shuffle
+from shufflenet_jax.train.step import predictor
 
 __all__ = [
     "STAGE_NAMES",
@@ -27,6 +28,7 @@ __all__ = [
     "channel_shuffle",
     "check_width",
     "fold_batchnorm",
+    "predictor",
     "shufflenet_v2_x0_5",
     "shufflenet_v2_x1_0",
     "shufflenet_v2_x1_5",

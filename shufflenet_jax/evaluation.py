@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,8 @@ from flax import nnx
 
 from shufflenet_jax.data import configured
 from shufflenet_jax.data import pipeline as input_pipeline
-from shufflenet_jax.data.augment import make_augment
-from shufflenet_jax.interop import checkpoint, convert
+from shufflenet_jax.data.augment import make_augment, standardize
+from shufflenet_jax.interop import checkpoint, convert, export
 from shufflenet_jax.model.layers import BatchNorm
 from shufflenet_jax.model.network import ShuffleNetV2, abstract_model
 from shufflenet_jax.train import checkpoints, parallel, step
@@ -176,3 +176,48 @@ def recalibrate_models(
     return {
         name: recalibrate_batchnorm(model, stream(), num_batches) for name, model in models.items()
     }
+
+
+def standardized_batches(config: Any, split: input_pipeline.Split, batch: int) -> Iterator[dict]:
+    """`split`'s evaluation batches (center crops, padded, with `mask`) as standardized
+    float32 NumPy images: what an exported model takes."""
+    for b in configured.eval_dataset(config, split, batch):
+        yield {**b, "image": np.asarray(standardize(jnp.asarray(b["image"])))}
+
+
+def calibration_images(config: Any, num_batches: int, batch: int) -> list[np.ndarray]:
+    """`num_batches` batches of the config's training images, preprocessed as for evaluation:
+    the data an int8 export calibrates its activation ranges on."""
+    split = configured.load_split(config, config.data.train_split)
+    batches = standardized_batches(config, split, batch)
+    return [b["image"] for b, _ in zip(batches, range(num_batches), strict=False)]
+
+
+def evaluate_exported(path: str | os.PathLike, config: Any, split: input_pipeline.Split) -> dict:
+    """Top-1, top-5, mean loss, count and images/s of an exported model file
+    (`interop.export`) over `split`, as `evaluate_model` gives for a model."""
+    predict = export.load(path)
+    start = time.perf_counter()
+    metrics = _exported_metrics(predict, config, split, config.train.eval_batch_size)
+    metrics["images_per_second"] = metrics["examples"] / max(time.perf_counter() - start, 1e-9)
+    return metrics
+
+
+def _exported_metrics(
+    predict: Callable[[np.ndarray], np.ndarray],
+    config: Any,
+    split: input_pipeline.Split,
+    batch: int,
+) -> dict[str, float]:
+    sums = dict.fromkeys(("correct_top1", "correct_top5", "loss_sum", "count"), 0.0)
+    for b in standardized_batches(config, split, batch):
+        logits = predict(b["image"]).astype(np.float64)
+        labels, mask = b["label"], b["mask"].astype(bool)
+        top5 = np.argsort(-logits, axis=-1)[:, :5]
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        sums["correct_top1"] += np.sum((top5[:, 0] == labels) & mask)
+        sums["correct_top5"] += np.sum((top5 == labels[:, None]).any(-1) & mask)
+        sums["loss_sum"] += -np.sum(np.take_along_axis(log_p, labels[:, None], -1)[:, 0] * mask)
+        sums["count"] += mask.sum()
+    return step.summarize_eval({k: float(v) for k, v in sums.items()})

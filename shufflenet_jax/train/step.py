@@ -175,6 +175,16 @@ def make_predict(
     return jax.jit(functools.partial(_logits, graphdef), compiler_options=options)
 
 
+def predictor(
+    model: ShuffleNetV2, compiler_options: dict[str, Any] | None = None
+) -> Callable[[Array], Array]:
+    """`logits = predict(images)` for `model`'s weights as they are now, BatchNorm on running
+    statistics: `make_predict`'s jitted function with the weights split off once, so that a
+    call costs no walk of the module graph (what `nnx.jit` on the module does every call)."""
+    graphdef, params, batch_stats = split_model(model)
+    return functools.partial(make_predict(graphdef, compiler_options), params, batch_stats)
+
+
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None, backend: str | None = None):
     """`sums, predictions = eval_step(params, batch_stats, batch)`: masked counts of correct
     top-1 and top-5, summed cross-entropy and the number of real examples; and each row's top-1

@@ -1,0 +1,342 @@
+"""Export a model for deployment, and check the exported file against the JAX model.
+
+    python -m shufflenet_jax.interop.export --checkpoint DIR --format onnx --out model.onnx
+    python -m shufflenet_jax.interop.export --torch_weights W.pth --format tflite --out m.tflite
+    python -m shufflenet_jax.interop.export --width 0.5 --format stablehlo --out m.jaxexport
+
+Formats: `stablehlo` (`jax.export`: one file for cpu, cuda and tpu, XLA's operations only,
+weights embedded; loading it needs only jax), `onnx` (ONNX Runtime; `onnx_graph`), `tflite`
+(LiteRT, through `jax2tf` and TensorFlow's converter). Every export runs the written file once
+on a fixed input and reports its largest logit difference from the JAX model. All formats
+compute the BatchNorm-folded model with XLA's convolution operations (`EXPORT_OPS`); the C++
+kernels of this package are never exported (nothing could run them elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shufflenet_jax import ops
+from shufflenet_jax.model.folded import fold_batchnorm
+from shufflenet_jax.model.layers import Ops
+from shufflenet_jax.model.network import ShuffleNetV2, abstract_model, with_values
+
+EXPORT_OPS = Ops(
+    dense=ops.conv_lax,
+    depthwise=ops.depthwise_lax,
+    pointwise=ops.pointwise_lax,
+    fused_inference=False,
+)
+SUFFIXES = {"stablehlo": ".jaxexport", "onnx": ".onnx", "tflite": ".tflite"}
+INSTALL_HINT = 'pip install -e ".[export]"'
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def require(module: str) -> Any:
+    """Import a converter package, or fail in one line naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"exporting needs {module.split('.')[0]}: {INSTALL_HINT}") from e
+
+
+def export_model(model: ShuffleNetV2) -> ShuffleNetV2:
+    """`model`'s weights in an inference copy made of XLA's convolution ops, BatchNorm folded:
+    what every format computes. Non-finite weights are an error naming the first."""
+    abstract = abstract_model(model.width, model.num_classes, ops=EXPORT_OPS)
+    copy = with_values(abstract, nnx.to_pure_dict(nnx.state(model)))
+    copy.eval()
+    return fold_batchnorm(copy)
+
+
+def _function(model: ShuffleNetV2) -> Callable[[jax.Array], jax.Array]:
+    """images -> logits with the weights as constants (exports embed them)."""
+    graphdef, state = nnx.split(export_model(model))
+    return lambda images: nnx.merge(graphdef, state)(images)
+
+
+def to_stablehlo(model: ShuffleNetV2, image_size: int, batch: int | None) -> bytes:
+    """A serialized `jax.export.Exported` for cpu, cuda and tpu (`batch` None: symbolic)."""
+    from jax import export
+
+    b = export.symbolic_shape("batch")[0] if batch is None else batch
+    spec = jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.float32)
+    exported = export.export(jax.jit(_function(model)), platforms=("cpu", "cuda", "tpu"))(spec)
+    return bytes(exported.serialize())
+
+
+def to_onnx(model: ShuffleNetV2, image_size: int, batch: int | None, layout: str) -> bytes:
+    """The ONNX graph of `onnx_graph`, serialized."""
+    require("onnx")
+    from shufflenet_jax.interop import onnx_graph
+
+    graph = onnx_graph.to_onnx(export_model(model), image_size, batch, layout)
+    return graph.SerializeToString()
+
+
+def to_tflite(
+    model: ShuffleNetV2, image_size: int, batch: int, calibration: list[np.ndarray] | None = None
+) -> bytes:
+    """A LiteRT flatbuffer through jax2tf's native serialization and TensorFlow's converter;
+    static batch (a symbolic one does not survive TensorFlow 2.21's deserializer). With
+    `calibration` images, int8 weights and activations (float32 in and out)."""
+    tf = require("tensorflow")
+    from jax.experimental import jax2tf
+
+    spec = tf.TensorSpec((batch, image_size, image_size, 3), tf.float32)
+    fn = tf.function(
+        jax2tf.convert(_function(model), with_gradient=False),
+        input_signature=[spec],
+        autograph=False,
+    )
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    if calibration is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: (
+            [x[i : i + batch]] for x in calibration for i in range(0, len(x) - batch + 1, batch)
+        )
+    return converter.convert()
+
+
+def quantize_onnx(
+    data: bytes, calibration: list[np.ndarray], layout: str, batch: int | None
+) -> bytes:
+    """ONNX Runtime's static int8 quantization (QDQ, per-channel int8 weights, uint8
+    activations) calibrated on NHWC `calibration` batches (in chunks of a static `batch`)."""
+    quantization = require("onnxruntime.quantization")
+    chunks = [
+        x[i : i + (batch or len(x))] for x in calibration for i in range(0, len(x), batch or len(x))
+    ]
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = (x for x in chunks if batch is None or len(x) == batch)
+
+        def get_next(self) -> dict | None:
+            x = next(self.batches, None)
+            if x is None:
+                return None
+            return {"images": x if layout == "nhwc" else x.transpose(0, 3, 1, 2)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp, "float.onnx"), Path(tmp, "int8.onnx")
+        source.write_bytes(data)
+        quantization.quantize_static(
+            source,
+            target,
+            Reader(),
+            quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8,
+        )
+        return target.read_bytes()
+
+
+def load(path: str | Path) -> Predict:
+    """An exported file as `logits = predict(images)` on NHWC float32 NumPy images of any
+    batch (a static batch is run in chunks), the format known from the suffix (`SUFFIXES`)."""
+    path = Path(path)
+    fmt = {v: k for k, v in SUFFIXES.items()}.get(path.suffix)
+    if fmt is None:
+        raise ValueError(f"{path}: unknown suffix; exports end in {', '.join(SUFFIXES.values())}")
+    data = path.read_bytes()
+    if fmt == "stablehlo":
+        from jax import export
+
+        exported = export.deserialize(bytearray(data))
+        run = lambda images: np.asarray(exported.call(jnp.asarray(images)))  # noqa: E731
+        return _any_batch(run, exported.in_avals[0].shape[0])
+    if fmt == "onnx":
+        return _onnx_predict(data)
+    return _tflite_predict(data)
+
+
+def _any_batch(run: Predict, static: Any) -> Predict:
+    """`run` for any batch: in chunks of its static batch, the last one padded."""
+    if not isinstance(static, int):
+        return run
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        padded = np.concatenate([images, np.zeros((-n % static, *images.shape[1:]), images.dtype)])
+        chunks = [run(padded[i : i + static]) for i in range(0, len(padded), static)]
+        return np.concatenate(chunks)[:n]
+
+    return predict
+
+
+def _onnx_predict(data: bytes) -> Predict:
+    ort = require("onnxruntime")
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    nchw = session.get_inputs()[0].shape[1] == 3
+
+    def run(images: np.ndarray) -> np.ndarray:
+        x = images.transpose(0, 3, 1, 2) if nchw else images
+        return session.run(None, {"images": np.ascontiguousarray(x, np.float32)})[0]
+
+    return _any_batch(run, session.get_inputs()[0].shape[0])
+
+
+def _tflite_predict(data: bytes) -> Predict:
+    interpreter = require("ai_edge_litert.interpreter").Interpreter(model_content=data)
+    interpreter.allocate_tensors()
+    (given,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        interpreter.set_tensor(given["index"], np.asarray(images, np.float32))
+        interpreter.invoke()
+        return interpreter.get_tensor(out["index"]).copy()
+
+    return _any_batch(run, int(given["shape"][0]))
+
+
+def reference(model: ShuffleNetV2) -> Predict:
+    """The JAX model's inference (running statistics), jitted: what an export must reproduce."""
+    copy = nnx.clone(model)
+    copy.eval()
+    graphdef, state = nnx.split(copy)
+    jitted = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    return lambda images: np.asarray(jitted(state, jnp.asarray(images)))
+
+
+def check_input(image_size: int, batch: int, seed: int = 0) -> np.ndarray:
+    """The fixed NHWC input every export is checked on: standardized-image-like noise."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
+
+
+def tolerance(logits: np.ndarray) -> float:
+    """The largest float32 logit difference an export may show: 1e-4 of the logits' scale
+    (at least 1). Layers folded and summed in another order differ by rounding, about 1e-6
+    of the scale at these depths; a wrong layer differs by the scale itself."""
+    return 1e-4 * max(1.0, float(np.abs(logits).max()))
+
+
+def export(
+    model: ShuffleNetV2,
+    fmt: str,
+    out: str | Path,
+    *,
+    image_size: int = 224,
+    batch: int | None = 1,
+    layout: str = "nhwc",
+    calibration: list[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Write `model` to `out` in format `fmt` (`batch` None: dynamic; `calibration` images:
+    int8), run the file on `check_input` and compare it with the JAX model. A float export
+    beyond `tolerance` is an error; an int8 one reports how many top-1 classes agree."""
+    if fmt not in SUFFIXES:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(SUFFIXES)}")
+    if fmt == "stablehlo" and calibration is not None:
+        raise ValueError("int8 is for the onnx and tflite formats")
+    if fmt == "tflite" and batch is None:
+        raise ValueError("a LiteRT export has a static batch: give --batch N")
+    if fmt == "onnx":
+        data = to_onnx(model, image_size, batch, layout)
+        data = data if calibration is None else quantize_onnx(data, calibration, layout, batch)
+    elif fmt == "tflite":
+        data = to_tflite(model, image_size, batch, calibration)
+    else:
+        data = to_stablehlo(model, image_size, batch)
+    Path(out).write_bytes(data)
+    x = check_input(image_size, batch or 3)
+    want, got = reference(model)(x), load(out)(x)
+    report = {
+        "format": fmt,
+        "path": str(out),
+        "bytes": len(data),
+        "batch": batch,
+        "int8": calibration is not None,
+        "max_abs_diff": float(np.abs(got - want).max()),
+        "tolerance": tolerance(want),
+        "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+    }
+    if calibration is None and not report["max_abs_diff"] <= report["tolerance"]:
+        raise ValueError(
+            f"{out} differs from the JAX model by {report['max_abs_diff']:.3g} "
+            f"(more than {report['tolerance']:.3g}): not a faithful export"
+        )
+    return report
+
+
+def _load_model(args: argparse.Namespace) -> ShuffleNetV2:
+    if args.checkpoint:
+        from shufflenet_jax.interop.checkpoint import restore_model
+
+        return restore_model(args.checkpoint, args.width, args.num_classes)
+    if args.torch_weights:
+        from shufflenet_jax.interop.convert import load_torchvision
+
+        return load_torchvision(args.torch_weights, args.width, args.num_classes)
+    return ShuffleNetV2(args.width, args.num_classes or 1000, rngs=nnx.Rngs(args.seed))
+
+
+def _calibration(args: argparse.Namespace) -> list[np.ndarray] | None:
+    if not args.int8:
+        return None
+    if args.calibration_config is None:
+        raise ValueError("--int8 needs --calibration_config CONFIG (its training images)")
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    from shufflenet_jax import evaluation
+
+    config = ConfigFileFlagParser(name="calibration_config").parse(args.calibration_config)
+    batch = config.train.eval_batch_size
+    return evaluation.calibration_images(config, args.calibration_batches, batch)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="DIR", help="a model checkpoint directory")
+    source.add_argument("--torch_weights", metavar="PTH", help="torchvision weights (.pth)")
+    source.add_argument("--width", help="random weights of this width (0.5, 1.0, 1.5, 2.0)")
+    parser.add_argument("--num_classes", type=int, help="expected (or, with --width, chosen)")
+    parser.add_argument("--seed", type=int, default=0, help="with --width: the weights' seed")
+    parser.add_argument("--format", required=True, choices=list(SUFFIXES))
+    parser.add_argument("--out", required=True, metavar="FILE")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1, help="static batch (default 1)")
+    batch.add_argument("--dynamic_batch", action="store_true", help="stablehlo and onnx only")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="onnx input")
+    parser.add_argument("--int8", action="store_true", help="onnx and tflite: int8 weights")
+    parser.add_argument("--calibration_config", metavar="CONFIG", help="its training images")
+    parser.add_argument("--calibration_batches", type=int, default=8)
+    args = parser.parse_args(argv)
+    try:
+        model = _load_model(args)
+        report = export(
+            model,
+            args.format,
+            args.out,
+            image_size=args.image_size,
+            batch=None if args.dynamic_batch else args.batch,
+            layout=args.layout,
+            calibration=_calibration(args),
+        )
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        parser.exit(1, f"error: {e}\n")
+    agree = f", top-1 agreement {report['top1_agreement']:.0%}" if report["int8"] else ""
+    print(
+        f"wrote {args.out} ({report['bytes'] / 2**20:.2f} MiB, {args.format}"
+        f"{', int8' if report['int8'] else ''}): max |logit difference| from the JAX model "
+        f"{report['max_abs_diff']:.3g}{agree}"
+    )
+
+
+if __name__ == "__main__":
+    main()
