@@ -565,7 +565,12 @@ def _versions() -> dict:
         "device": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
         "python": platform.python_version(),
-        **{name: version(name) for name in ("jax", "jaxlib", "flax", "torch", "torchvision")},
+        **{
+            name: version(name)
+            for name in ("jax", "jaxlib", "flax", "torch", "torchvision", "onnxruntime")
+        },
+        "ai_edge_litert": version("ai-edge-litert"),
+        "tensorflow": version("tensorflow-cpu"),
     }
 
 

@@ -19,6 +19,7 @@ from shufflenet_jax.train.step import (
     eval_compiler_options,
     make_predict,
     make_train_step,
+    predictor,
     split_model,
     train_compiler_options,
 )
@@ -41,6 +42,19 @@ def test_predict_equals_the_model_in_eval_mode(model):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_readmes_predictor_is_make_predict_with_the_weights_of_its_making(model):
+    """The same compiled function on the same weights (so the same numbers, exactly), whatever
+    mode the model is in; later changes to the model do not reach it."""
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    m = nnx.clone(model)
+    m.train()
+    predict = predictor(m)
+    want = make_predict(split_model(model)[0])(*split_model(model)[1:], x)
+    np.testing.assert_array_equal(predict(x), want)
+    m.fc.bias[...] += 1.0
+    np.testing.assert_array_equal(predict(x), want)
 
 
 def test_train_step_lowers_the_loss_and_updates_batch_statistics():

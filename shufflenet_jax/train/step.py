@@ -179,10 +179,17 @@ def predictor(
     model: ShuffleNetV2, compiler_options: dict[str, Any] | None = None
 ) -> Callable[[Array], Array]:
     """`logits = predict(images)` for `model`'s weights as they are now, BatchNorm on running
-    statistics: `make_predict`'s jitted function with the weights split off once, so that a
-    call costs no walk of the module graph (what `nnx.jit` on the module does every call)."""
+    statistics, jitted. The weights are split off once and passed as a flat list of arrays: a
+    call walks no module graph (as `nnx.jit` on the module does) and flattens no `nnx.State`
+    (about 1 ms per call, a seventh of a 1.0x batch-1 inference on a 2-vCPU machine)."""
     graphdef, params, batch_stats = split_model(model)
-    return functools.partial(make_predict(graphdef, compiler_options), params, batch_stats)
+    leaves, treedef = jax.tree.flatten((params, batch_stats))
+    options = eval_compiler_options() if compiler_options is None else compiler_options
+
+    def logits(leaves: list[Array], images: Array) -> Array:
+        return _logits(graphdef, *jax.tree.unflatten(treedef, leaves), images)
+
+    return functools.partial(jax.jit(logits, compiler_options=options), leaves)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None, backend: str | None = None):
