@@ -6,6 +6,7 @@ is exercised, and the logits are of order 1, so a wrong layer cannot hide under 
 The ONNX and LiteRT tests need `.[export]` (onnx, onnxruntime, TensorFlow, ai-edge-litert).
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -53,6 +54,35 @@ def test_every_format_computes_what_the_jax_model_computes(model, tmp_path, fmt,
     assert np.abs(want).max() > 1  # logits of a real scale: a wrong layer shows
     assert np.abs(got - want).max() <= export.tolerance(want)
     assert report["max_abs_diff"] <= report["tolerance"] and report["bytes"] == out.stat().st_size
+
+
+@EXPORT
+@pytest.mark.parametrize("width", [0.5, 1.0, 1.5, 2.0])
+def test_the_onnx_export_matches_every_width(tmp_path, width):
+    """Within 1e-4 on logits of a trained model's scale (about 10: random weights give far
+    larger ones, so the classifier is scaled down to that)."""
+    abstract = abstract_model(width, 7)
+    model = with_values(abstract, random_values(abstract, 3))
+    scale = np.abs(export.reference(model)(export.check_input(SIZE, 3))).max() / 10
+    model.fc.kernel[...] /= scale
+    model.fc.bias[...] /= scale
+    report = export.export(model, "onnx", tmp_path / "m.onnx", image_size=SIZE, batch=None)
+    assert report["max_abs_diff"] <= min(1e-4, report["tolerance"]), report
+
+
+def test_a_missing_converter_names_the_extra_to_install(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_onnxruntime(name, *args):
+        if name.startswith("onnxruntime"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_onnxruntime)
+    with pytest.raises(ImportError, match=r"needs onnxruntime: pip install -e \"\.\[export\]\""):
+        export.require("onnxruntime.quantization")
 
 
 @pytest.mark.parametrize("fmt", ["stablehlo", pytest.param("onnx", marks=EXPORT)])
@@ -155,3 +185,19 @@ def test_int8_exports_classify_digits_like_the_float_model(trained, tmp_path, fm
     assert agree.mean() >= 0.85 and agree[clear].mean() >= 0.99 and clear.mean() >= 0.1
     metrics = evaluation.evaluate_exported(out, config, split)
     assert metrics["examples"] == 359 and abs(metrics["top1"] - top1) <= 0.1
+
+
+@EXPORT
+@pytest.mark.torch
+def test_the_deployment_benchmark_times_every_runtime_at_a_tiny_size(tmp_path):
+    out = tmp_path / "deploy.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--deploy", "--widths", "0.5",
+         "--batches", "2", "--size", "32", "--repeats", "1", "--images", "2",
+         "--omp-wait-policy", "unset", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    for name in ("readme", "nnx_jit", "ort_torchvision", "ort_ours_int8", "litert_ours"):
+        assert row[f"{name}_img_s"] > 0 and f"ratio_readme_vs_{name}" in row or name == "readme"
