@@ -152,18 +152,23 @@ class TorchCase:
 
 
 class ReadmeCase:
-    """README's inference path, `shufflenet_jax.predictor(model)`, or (`nnx_jit`) the plain
-    `nnx.jit` over the module that walks its graph every call."""
+    """README's inference path, `shufflenet_jax.predictor(model)` (`how` "readme"), the
+    library's `make_predict` on the split state ("make_predict"), or the plain `nnx.jit` over
+    the module that walks its graph every call ("nnx_jit")."""
 
-    def __init__(self, width: float, batch: int, size: int, nnx_jit: bool = False):
+    def __init__(self, width: float, batch: int, size: int, how: str):
         from shufflenet_jax import predictor
 
         model = ShuffleNetV2(width, rngs=nnx.Rngs(0))
         model.eval()
         x = jnp.asarray(np.random.default_rng(0).random((batch, size, size, 3), np.float32))
-        if nnx_jit:
+        if how == "nnx_jit":
             jitted = nnx.jit(lambda m, x: m(x))
             self.call = lambda: jitted(model, x)
+        elif how == "make_predict":
+            graphdef, params, stats = split_model(model)
+            predict = make_predict(graphdef)
+            self.call = lambda: predict(params, stats, x)
         else:
             predict = predictor(model)
             self.call = lambda: predict(x)
@@ -227,6 +232,7 @@ def _torchvision_onnx(width: float, batch: int, size: int, tmp: str) -> Callable
 
 DEPLOY_CASES = (
     "readme",
+    "make_predict",
     "nnx_jit",
     "torch_eager",
     "torch_channels_last",
@@ -239,8 +245,8 @@ DEPLOY_CASES = (
 
 
 def _deploy_case(name: str, width: float, batch: int, size: int, tmp: str) -> object:
-    if name in ("readme", "nnx_jit"):
-        return ReadmeCase(width, batch, size, nnx_jit=name == "nnx_jit")
+    if name in ("readme", "make_predict", "nnx_jit"):
+        return ReadmeCase(width, batch, size, name)
     if name.startswith("torch_"):
         return TorchCase(width, batch, size, name == "torch_channels_last", False)
     fmt = {"ort_torchvision": "torchvision", "ort": "onnx", "litert": "tflite"}
