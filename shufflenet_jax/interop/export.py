@@ -102,10 +102,15 @@ def to_tflite(
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
     if calibration is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: (
-            [x[i : i + batch]] for x in calibration for i in range(0, len(x) - batch + 1, batch)
-        )
+        converter.representative_dataset = lambda: ([x] for x in _chunks(calibration, batch))
     return converter.convert()
+
+
+def _chunks(calibration: list[np.ndarray], batch: int | None):
+    """The calibration images in whole batches of a static `batch` (None: as given)."""
+    for x in calibration:
+        step = batch or len(x)
+        yield from (x[i : i + step] for i in range(0, len(x) - step + 1, step))
 
 
 def quantize_onnx(
@@ -114,13 +119,10 @@ def quantize_onnx(
     """ONNX Runtime's static int8 quantization (QDQ, per-channel int8 weights, uint8
     activations) calibrated on NHWC `calibration` batches (in chunks of a static `batch`)."""
     quantization = require("onnxruntime.quantization")
-    chunks = [
-        x[i : i + (batch or len(x))] for x in calibration for i in range(0, len(x), batch or len(x))
-    ]
 
     class Reader(quantization.CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = (x for x in chunks if batch is None or len(x) == batch)
+            self.batches = _chunks(calibration, batch)
 
         def get_next(self) -> dict | None:
             x = next(self.batches, None)
