@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from shufflenet_jax import kernels
 from shufflenet_jax.model import ShuffleNetV2, fold_batchnorm
 from shufflenet_jax.train.state import TrainState
 from shufflenet_jax.train.step import make_predict, make_train_step, split_model
@@ -37,6 +38,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--save", metavar="DIR", help="also write each program's text here")
     args = p.parse_args()
+    kernels.load()  # the programs users run on the CPU call them
     model = ShuffleNetV2(args.width, rngs=nnx.Rngs(0))
     x = jnp.ones((args.batch, 224, 224, 3))
     graphdef, params, stats = split_model(model)

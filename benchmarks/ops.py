@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lab import variants
-from shufflenet_jax import ops
+from shufflenet_jax import kernels, ops
 from shufflenet_jax.train.step import train_compiler_options
 
 
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
+    kernels.load()  # the C++ variants
     r = args.repeats
     rng = np.random.default_rng(0)
     rows: list = []

@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 
 from lab import variants as impls
-from shufflenet_jax import ops
+from shufflenet_jax import kernels, ops
 from shufflenet_jax.aot import hlo, targets
 from shufflenet_jax.model.network import ShuffleUnit, abstract_model, with_values
 from shufflenet_jax.train import parallel
@@ -475,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.platform != "local":
         targets.check_plugin(targets.get(args.platform))
         jax.config.update("jax_platforms", "cpu")  # the plugins' own devices are not needed
+    elif jax.default_backend() == "cpu":
+        kernels.load()  # the local CPU compiles what users run there, the C++ kernels included
     print(
         f"{args.target} {args.mode} {args.dtype} for {args.platform}: batch {args.batch}, "
         f"{args.size}x{args.size}" + ("" if args.target == "net" else f", {args.channels} ch")

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lab import variants
-from shufflenet_jax import ops
+from shufflenet_jax import kernels, ops
 from shufflenet_jax.model.layers import BatchNorm
 
 Array = jax.Array
@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="case names (default: all)")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
+    kernels.load()  # the C++ variants
     cases = _op_cases(args.batch)
     results = {}
     for name in args.only or sorted(cases):

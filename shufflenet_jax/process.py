@@ -66,28 +66,35 @@ def setup_process(
     """Process-wide settings, to call before any JAX computation; returns what it did, a line
     each, for the program's log.
 
-    On the CPU backend: `reuse_freed_host_memory`, and the C++ kernels built or loaded, so that
-    tracing does not run g++; before `jax.distributed.initialize` (with `coordinator_address`;
-    CPU collectives over gloo), so that processes compiling at different speeds meet at its
-    barrier rather than time out at the first collective's 30 seconds; orbax's barriers on the
-    coordination service too. Marks absl's flags parsed for grain's worker processes when the
-    program did not parse them, and keeps TensorStore's late callbacks after a failed
-    checkpoint read or write out of the output.
+    On the CPU backend: `reuse_freed_host_memory`, and the C++ kernels built or loaded
+    (`kernels.load()`; tracing only asks whether they are), before `jax.distributed.initialize`
+    (with `coordinator_address`; CPU collectives over gloo), so that processes compiling at
+    different speeds meet at its barrier rather than time out at the first collective's 30
+    seconds; orbax's barriers on the coordination service too. Marks absl's flags parsed for
+    grain's worker processes when the program did not parse them, and keeps TensorStore's late
+    callbacks after a failed checkpoint read or write out of the output.
     """
     lines = [_setup_malloc()]
     if cpu_is_default_backend():
-        from shufflenet_jax.ops import native
-
-        lines.append(f"C++ kernels: {native.status()}")
+        lines.append(_load_kernels())
     if coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         lines.append(f"distributed: process {process_id} of {num_processes}")
         lines.append(_orbax_barriers_on_coordination_service())
+    if not cpu_is_default_backend() and jax.default_backend() == "cpu":
+        lines.append(_load_kernels())  # an accelerator plugin without its device: the CPU runs
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     _quiet_closed_event_loop_callbacks()
     return lines
+
+
+def _load_kernels() -> str:
+    from shufflenet_jax import kernels
+
+    kernels.load()
+    return f"C++ kernels: {kernels.status()}"
 
 
 def _orbax_barriers_on_coordination_service() -> str:

@@ -20,11 +20,11 @@ from flax import nnx
 
 from configs import digits
 from lab import fusion
+from shufflenet_jax import kernels
 from shufflenet_jax.aot import compile as aot
 from shufflenet_jax.aot import hlo, targets
 from shufflenet_jax.model.layers import Conv2d
 from shufflenet_jax.model.network import abstract_model
-from shufflenet_jax.ops import native
 from shufflenet_jax.train import parallel
 from shufflenet_jax.train.state import model_kwargs
 
@@ -121,8 +121,8 @@ def test_the_eval_steps_fused_path_lowers_to_xla_off_the_cpu_and_to_the_kernels_
     config = tiny_config()
     gpu = aot.steps_for(config, targets.get("h100"))
     assert "custom_call @shufflenet_" not in gpu.eval.lower(*gpu.eval_args(16)).as_text()
-    if not native.available():
-        pytest.fail(f"the C++ kernels do not build here: {native.status()}")
+    if not kernels.load():
+        pytest.fail(f"the C++ kernels do not build here: {kernels.status()}")
     cpu = aot.steps_on(config, parallel.make_mesh(1), "cpu")
     assert "custom_call @shufflenet_stage" in cpu.eval.lower(*cpu.eval_args(16)).as_text()
 

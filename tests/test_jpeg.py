@@ -9,7 +9,7 @@ from PIL import Image
 
 from shufflenet_jax.data import jpeg
 from shufflenet_jax.data import pipeline as ip
-from shufflenet_jax.ops import native
+from shufflenet_jax.kernels import build
 
 KINDS = [  # (subsampling, progressive, mode): 4:4:4, 4:2:2, 4:2:0 chroma, both scan orders
     (0, False, "RGB"),
@@ -124,11 +124,11 @@ def test_a_region_outside_the_image_is_an_error_naming_it():
 
 def test_without_the_library_crops_are_pillows_with_a_warning(monkeypatch):
     def no_build(*args, **kwargs):
-        raise native.NativeBuildError("compiling jpeg.cc failed: jpeglib.h: No such file")
+        raise build.NativeBuildError("compiling jpeg.cc failed: jpeglib.h: No such file")
 
     data = photo_jpeg(300, 200, KINDS[2])
     expected = ip.TrainTransform(image_size=32)(data, np.random.default_rng(1))
-    monkeypatch.setattr(native, "build_library", no_build)
+    monkeypatch.setattr(build, "build_library", no_build)
     jpeg._library.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:

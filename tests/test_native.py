@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +6,9 @@ import numpy as np
 import pytest
 
 from lab import variants
-from shufflenet_jax import ops
-from shufflenet_jax.ops import native
+from shufflenet_jax import kernels, ops
+from shufflenet_jax.kernels import build
+from shufflenet_jax.kernels import calls as kernel_calls
 
 
 def _kernel_grad_float64(x, g, stride):
@@ -37,7 +37,7 @@ def _inputs(n, h, w, c, stride, seed=0):
 
 def test_native_kernels_build_on_this_machine():
     # CI must run the C++ path: a missing compiler fails here rather than falling back.
-    assert native.available()
+    assert kernels.load() and kernels.loaded()
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -46,7 +46,7 @@ def test_native_kernels_build_on_this_machine():
 )
 def test_native_depthwise_kernel_grad_matches_float64_sum(stride, nhwc):
     x, g = _inputs(*nhwc, stride)
-    got = jax.jit(native.depthwise_kernel_grad, static_argnums=2)(x, g, stride)
+    got = jax.jit(kernels.depthwise_kernel_grad, static_argnums=2)(x, g, stride)
     want = _kernel_grad_float64(x, g, stride)
     assert got.shape == want.shape
     terms = nhwc[0] * g.shape[1] * g.shape[2]
@@ -55,7 +55,7 @@ def test_native_depthwise_kernel_grad_matches_float64_sum(stride, nhwc):
 
 def test_native_depthwise_kernel_grad_is_deterministic():
     x, g = _inputs(32, 28, 28, 58, 1)
-    f = jax.jit(native.depthwise_kernel_grad, static_argnums=2)
+    f = jax.jit(kernels.depthwise_kernel_grad, static_argnums=2)
     np.testing.assert_array_equal(f(x, g, 1), f(x, g, 1))
 
 
@@ -75,8 +75,8 @@ def test_depthwise_native_gradient_uses_the_cpu_kernel():
 def test_native_dense_kernel_grad_matches_float64_gradient(stride, shape):
     kx, kg = jax.random.split(jax.random.key(6))
     x = jax.random.normal(kx, (5, 15, 14, shape[2]))
-    g = jax.random.normal(kg, native._conv_output_shape(x.shape, shape, stride))
-    got = jax.jit(native.dense_kernel_grad, static_argnums=(2, 3))(x, g, shape, stride)
+    g = jax.random.normal(kg, kernel_calls._conv_output_shape(x.shape, shape, stride))
+    got = jax.jit(kernels.dense_kernel_grad, static_argnums=(2, 3))(x, g, shape, stride)
     with jax.enable_x64(True):
         x64, g64 = (jnp.asarray(np.asarray(a, np.float64)) for a in (x, g))
         _, pullback = jax.vjp(lambda k: ops.conv_lax(x64, k, stride), jnp.zeros(shape))
@@ -101,7 +101,7 @@ def test_native_stem_conv_matches_lax_conv(shape, outputs):
     kx, kk = jax.random.split(jax.random.key(8))
     x = jax.random.normal(kx, shape)
     kernel = jax.random.normal(kk, (3, 3, shape[-1], outputs))
-    got = jax.jit(native.stem_conv)(x, kernel)
+    got = jax.jit(kernels.stem_conv)(x, kernel)
     want = jax.jit(lambda x, k: ops.conv_lax(x, k, 2))(x, kernel)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
@@ -120,7 +120,7 @@ def test_conv_native_forward_uses_the_cpu_stem_conv_at_stride_two_only():
 )
 def test_native_stem_conv_rejects_mismatched_shapes(x_shape, kernel_shape):
     with pytest.raises(ValueError, match="stem_conv: .* do not match"):
-        native.stem_conv(jnp.ones(x_shape), jnp.ones(kernel_shape))
+        kernels.stem_conv(jnp.ones(x_shape), jnp.ones(kernel_shape))
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_native_dense_kernel_grad_rejects_unsupported_shapes(kernel_shape, strid
     x = jnp.zeros((1, 8, 8, 3))
     g = jnp.zeros((1, 4, 4, kernel_shape[3]))
     with pytest.raises(ValueError, match=message):
-        native.dense_kernel_grad(x, g, kernel_shape, stride)
+        kernels.dense_kernel_grad(x, g, kernel_shape, stride)
 
 
 def test_depthwise_native_in_float64_falls_back_to_xla_gradient():
@@ -155,27 +155,27 @@ def test_depthwise_native_in_float64_falls_back_to_xla_gradient():
 )
 def test_native_depthwise_kernel_grad_rejects_mismatched_inputs(x_shape, g_shape, stride, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        native.depthwise_kernel_grad(jnp.zeros(x_shape), jnp.zeros(g_shape), stride)
+        kernels.depthwise_kernel_grad(jnp.zeros(x_shape), jnp.zeros(g_shape), stride)
 
 
 def test_native_depthwise_kernel_grad_rejects_other_dtypes():
     x = jnp.zeros((1, 4, 4, 2), jnp.bfloat16)
     with pytest.raises(ValueError, match="needs float32"):
-        native.depthwise_kernel_grad(x, x, 1)
+        kernels.depthwise_kernel_grad(x, x, 1)
 
 
 def test_build_without_a_compiler_names_the_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path))
-    with pytest.raises(native.NativeBuildError, match="no-such-compiler"):
-        native.build_library()
+    with pytest.raises(kernels.NativeBuildError, match="no-such-compiler"):
+        build.build_library(build.CSRC / "kernels.cc")
 
 
 def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
     monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path))
-    first = native.build_library()
+    first = build.build_library(build.CSRC / "kernels.cc")
     stamp = os.stat(first).st_mtime_ns
-    assert native.build_library() == first
+    assert build.build_library(build.CSRC / "kernels.cc") == first
     assert os.stat(first).st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
@@ -183,15 +183,15 @@ def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
 def test_a_changed_shared_header_is_a_new_build(monkeypatch, tmp_path):
     """vec.h is included by both sources: editing it must not load a library built before."""
     monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path / "cache"))
-    csrc = Path(native.__file__).parent / "csrc"
+    csrc = build.CSRC
     copy = tmp_path / "csrc"
     copy.mkdir()
     for name in ("resample.cc", "vec.h"):
         (copy / name).write_bytes((csrc / name).read_bytes())
-    first = native.build_library(copy / "resample.cc")
+    first = build.build_library(copy / "resample.cc")
     with open(copy / "vec.h", "a") as f:
         f.write("// edited\n")
-    second = native.build_library(copy / "resample.cc")
+    second = build.build_library(copy / "resample.cc")
     assert second != first and first.exists() and second.exists()
 
 
@@ -222,7 +222,7 @@ _SUM_SHAPES = [(3, 9, 7, 13), (16, 112, 112, 13)]
 def test_native_channel_moments_match_float64_mean_and_variance(shape):
     x = jax.random.normal(jax.random.key(7), shape) * jnp.arange(1, 14)
     x = x + jnp.where(jnp.arange(13) == 5, 1e4, 0.0)  # a channel whose mean dwarfs its spread
-    mean, var = jax.jit(native.channel_moments)(x)
+    mean, var = jax.jit(kernels.channel_moments)(x)
     x64 = np.asarray(x, np.float64).reshape(-1, 13)
     np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(var, x64.var(0), rtol=1e-5)
@@ -234,7 +234,7 @@ def test_native_batch_norm_grad_sums_match_float64_sums(shape):
     g = jax.random.normal(kg, shape)
     x = jax.random.normal(kx, shape) + 3.0
     mean = x.mean(axis=(0, 1, 2))
-    sum_g, sum_gx = jax.jit(native.batch_norm_grad_sums)(g, x, mean)
+    sum_g, sum_gx = jax.jit(kernels.batch_norm_grad_sums)(g, x, mean)
     g64, x64 = (np.asarray(a, np.float64).reshape(-1, 13) for a in (g, x))
     np.testing.assert_allclose(sum_g, g64.sum(0), rtol=1e-5, atol=1e-5)
     want = (g64 * (x64 - np.asarray(mean))).sum(0)
@@ -251,7 +251,7 @@ def test_batch_norm_train_uses_the_cpu_sums_forward_and_backward():
 
 def test_native_batch_norm_grad_sums_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="do not match"):
-        native.batch_norm_grad_sums(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4)), jnp.zeros(5))
+        kernels.batch_norm_grad_sums(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4)), jnp.zeros(5))
 
 
 def _folded(width, folded_impl, seed=0):
@@ -341,7 +341,7 @@ def test_folded_stem_and_stages_lower_without_the_cpu_kernels_for_other_backends
 
 
 def _unit_weights(c_in, half, stride):
-    """A kernel and its BatchNorm's buffers per convolution, as `native.UnitWeights` and
+    """A kernel and its BatchNorm's buffers per convolution, as `kernels.UnitWeights` and
     `DownUnitWeights` order them."""
 
     def conv(rows, cols):
@@ -371,13 +371,13 @@ def _unit_weights(c_in, half, stride):
 )
 def test_shuffle_stage_rejects_mismatched_weights(units, message):
     with pytest.raises(ValueError, match=message):
-        native.shuffle_stage(jnp.ones((1, 6, 6, 8)), units, 1e-5)
+        kernels.shuffle_stage(jnp.ones((1, 6, 6, 8)), units, 1e-5)
 
 
 def test_shuffle_stage_rejects_other_dtypes():
     units = [tuple(w.astype(jnp.bfloat16) for w in _unit_weights(8, 12, 2))]
     with pytest.raises(ValueError, match="needs float32"):
-        native.shuffle_stage(jnp.ones((1, 6, 6, 8)), units, 1e-5)
+        kernels.shuffle_stage(jnp.ones((1, 6, 6, 8)), units, 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -393,23 +393,22 @@ def test_shuffle_stage_rejects_other_dtypes():
 def test_stem_pool_rejects_mismatched_shapes(x_shape, kernel_shape, norm_shapes):
     norm = tuple(jnp.ones(shape) for shape in norm_shapes)
     with pytest.raises(ValueError, match="stem_pool: .* do not match"):
-        native.stem_pool(jnp.ones(x_shape), jnp.ones(kernel_shape), norm, 1e-5)
+        kernels.stem_pool(jnp.ones(x_shape), jnp.ones(kernel_shape), norm, 1e-5)
 
 
-def test_other_default_backends_trace_without_building_or_calling_the_kernels(monkeypatch):
-    """On a GPU or TPU machine nothing is compiled with g++ and no C++ call is traced, in
-    training (kernel gradients, BatchNorm sums) or in folded inference (stem and stages)."""
+def test_tracing_never_builds_and_without_loaded_kernels_calls_none(monkeypatch):
+    """Tracing asks only whether the kernels are loaded: with them not loaded nothing is
+    compiled with g++ and no C++ call is traced, in training (kernel gradients, BatchNorm
+    sums) or in folded inference (stem and stages); loaded, the same traces call them."""
     from flax import nnx
 
     from shufflenet_jax.model.folded import fold_batchnorm
     from shufflenet_jax.model.network import ShuffleNetV2
 
-    def no_build():
-        raise AssertionError("the C++ kernels were built for a non-CPU backend")
+    def no_build(*args):
+        raise AssertionError("g++ ran while tracing")
 
-    monkeypatch.setattr(native, "available", no_build)
-    monkeypatch.setattr(native, "build_library", no_build)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(build, "build_library", no_build)
     model = ShuffleNetV2(0.5, 10, rngs=nnx.Rngs(0))
     x = jnp.zeros((2, 32, 32, 3))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -420,6 +419,12 @@ def test_other_default_backends_trace_without_building_or_calling_the_kernels(mo
         return net(x).sum()
 
     folded = fold_batchnorm(model)
-    texts = [str(jax.make_jaxpr(jax.grad(loss))(params))]
-    texts.append(str(jax.make_jaxpr(lambda x: folded(x))(x)))
-    assert not any("shufflenet_" in text for text in texts)
+
+    def traces():
+        texts = [str(jax.make_jaxpr(jax.grad(loss))(params))]
+        return texts + [str(jax.make_jaxpr(lambda x: folded(x))(x))]
+
+    assert all("shufflenet_" in text for text in traces())  # loaded (conftest)
+    monkeypatch.setattr(kernel_calls, "_state", {})
+    assert not kernels.loaded()
+    assert not any("shufflenet_" in text for text in traces())

@@ -70,13 +70,13 @@ def test_process_setup_builds_the_kernels_before_the_processes_meet(monkeypatch)
     seen in CI's two-process test): the build comes before initialize's barrier."""
     import jax
 
-    from shufflenet_jax import process
-    from shufflenet_jax.ops import native
+    from shufflenet_jax import kernels, process
 
     order = []
     monkeypatch.setattr(process, "reuse_freed_host_memory", lambda: True)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setattr(native, "status", lambda: order.append("kernels") or "built")
+    monkeypatch.setattr(kernels, "load", lambda: order.append("kernels") or True)
+    monkeypatch.setattr(kernels, "status", lambda: "built")
     monkeypatch.setattr(jax.config, "update", lambda *a: None)  # gloo: for the real run
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a: order.append("initialize"))
     lines = process.setup_process("localhost:1", 2, 0)
@@ -114,14 +114,14 @@ config = {k: getattr(jax.config, k) for k in names}
 import shufflenet_jax, shufflenet_jax.evaluation, shufflenet_jax.process
 import shufflenet_jax.data.prepare, shufflenet_jax.interop.compare, shufflenet_jax.interop.convert
 import shufflenet_jax.model.summary, shufflenet_jax.train.loop
-from shufflenet_jax.ops import native
+from shufflenet_jax import kernels
 from jax._src import xla_bridge
 print(json.dumps({
     "env": dict(os.environ) == env,
     "config": config == {k: getattr(jax.config, k) for k in config},
     "flags_parsed": flags.FLAGS.is_parsed(),
     "backends": bool(xla_bridge._backends),
-    "kernels_loaded": native._register.cache_info().currsize,
+    "kernels_loaded": kernels.loaded(),
 }))
 """
 
@@ -138,7 +138,7 @@ def test_importing_the_library_changes_no_process_state():
         "config": True,
         "flags_parsed": False,
         "backends": False,
-        "kernels_loaded": 0,
+        "kernels_loaded": False,
     }, state
 
 
@@ -146,9 +146,9 @@ def test_process_setup_builds_the_kernels_and_readies_the_flags_grain_workers_re
     code = (
         "from absl import flags\n"
         "from shufflenet_jax import process\n"
-        "from shufflenet_jax.ops import native\n"
+        "from shufflenet_jax import kernels\n"
         "lines = process.setup_process()\n"
-        "assert flags.FLAGS.is_parsed() and native._register.cache_info().currsize == 1\n"
+        "assert flags.FLAGS.is_parsed() and kernels.loaded()\n"
         "print(lines)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from shufflenet_jax.data import resample
-from shufflenet_jax.ops import native
+from shufflenet_jax.kernels import build
 
 BOXES = [
     (0.0, 0.0, 500.0, 375.0),  # the whole image, downscaled 2.2x / 1.7x
@@ -80,9 +80,9 @@ def test_a_window_holding_the_source_pixels_gives_the_whole_images_crop(box):
 
 def test_without_a_compiler_the_crop_is_pillows_with_a_warning(monkeypatch):
     def no_build(*args, **kwargs):
-        raise native.NativeBuildError("C++ compiler 'none' not found")
+        raise build.NativeBuildError("C++ compiler 'none' not found")
 
-    monkeypatch.setattr(native, "build_library", no_build)
+    monkeypatch.setattr(build, "build_library", no_build)
     resample._resize_rgb.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:

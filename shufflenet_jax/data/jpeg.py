@@ -1,25 +1,23 @@
 """Decoding only the rows and columns of a JPEG that a training crop reads: C++ through the
-system's libjpeg-turbo (`ops/csrc/jpeg.cc`), with the pixels of Pillow's full decode. Where the
+system's libjpeg-turbo (`kernels/csrc/jpeg.cc`), with the pixels of Pillow's full decode. Where the
 library does not build, or libjpeg fails or warns on a file, callers decode with Pillow."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import numpy as np
 
-from shufflenet_jax.ops import native
+from shufflenet_jax.data.codec_library import load_or_warn
 
-_SOURCE = Path(native.__file__).parent / "csrc" / "jpeg.cc"
 _MAGIC = b"\xff\xd8"  # start of image
 
 
 @functools.cache
 def _library():
     """The C++ functions, or None (with one warning) where they do not build here."""
-    library = native.load_optional(_SOURCE, "C++ JPEG decoder", ("jpeg",))
+    library = load_or_warn("jpeg.cc", "C++ JPEG decoder", ("jpeg",))
     if library is None:
         return None
     i64, out = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)

@@ -1,4 +1,4 @@
-"""The training crop's resize on the host: C++ (`ops/csrc/resample.cc`) where it builds, else
+"""The training crop's resize on the host: C++ (`kernels/csrc/resample.cc`) where it builds, else
 Pillow's. Pillow's scalar bilinear passes took most of a crop's time (docs/input_pipeline.md)."""
 
 from __future__ import annotations
@@ -6,21 +6,19 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from shufflenet_jax.ops import native
+from shufflenet_jax.data.codec_library import load_or_warn
 
-_SOURCE = Path(native.__file__).parent / "csrc" / "resample.cc"
 Box = tuple[float, float, float, float]
 
 
 @functools.cache
 def _resize_rgb():
     """The C++ function, or None (with one warning) where the library does not build here."""
-    library = native.load_optional(_SOURCE, "C++ resize")
+    library = load_or_warn("resample.cc", "C++ resize")
     if library is None:
         return None
     f = library.ShufflenetResizeRgb

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from shufflenet_jax import kernels
 from shufflenet_jax.interop.convert import load_torch_state_dict, load_torchvision
 from shufflenet_jax.model.network import STAGE_NAMES, ShuffleNetV2, check_width
 
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    kernels.load()  # the JAX side as programs on the CPU run it
     try:
         report = compare(args.width, args.weights, args.image, args.size, args.batch, args.seed)
     except (ValueError, FileNotFoundError) as e:

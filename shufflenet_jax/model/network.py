@@ -24,7 +24,6 @@ from shufflenet_jax.model.layers import (
     inference_norm,
     is_inference_norm,
 )
-from shufflenet_jax.ops.native import DownUnitWeights, UnitWeights
 
 Array = jax.Array
 
@@ -121,20 +120,19 @@ class ShuffleUnit(nnx.Module):
         return self.shuffle(out, 2)
 
 
-def unit_weights(unit: ShuffleUnit) -> UnitWeights | DownUnitWeights:
-    """An inference unit's kernels, each with its BatchNorm's buffers, as the fused stage reads
-    them (it folds them as it copies the kernels)."""
+def unit_convs(unit: ShuffleUnit) -> ops.UnitConvs:
+    """An inference unit's convolutions, each with its BatchNorm's buffers, as the fused stage
+    takes them (it folds them as it copies the kernels)."""
 
-    def conv(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, ...]:
-        k = conv.kernel[...]
-        return (k.reshape(-1, k.shape[-1]), *inference_norm(norm)[0])
+    def conv(conv: Conv2d, norm: BatchNorm | Bias) -> tuple[Array, tuple[Array, ...]]:
+        return conv.kernel[...], inference_norm(norm)[0]
 
     b2 = unit.branch2.layers
-    weights = (*conv(b2[0], b2[1]), *conv(b2[3], b2[4]), *conv(b2[5], b2[6]))
+    branch2 = (conv(b2[0], b2[1]), conv(b2[3], b2[4]), conv(b2[5], b2[6]))
     if unit.branch1 is None:
-        return UnitWeights(*weights)
+        return ops.UnitConvs(branch2)
     b1 = unit.branch1.layers
-    return DownUnitWeights(*weights, *conv(b1[0], b1[1]), *conv(b1[2], b1[3]))
+    return ops.UnitConvs(branch2, (conv(b1[0], b1[1]), conv(b1[2], b1[3])))
 
 
 def _norm_eps(module: nnx.Module) -> float | None:
@@ -150,8 +148,8 @@ def _stage_layers(stage: nnx.Sequential, x: Array) -> Array:
 
 
 def _stage_fused(stage: nnx.Sequential, x: Array) -> Array:
-    weights = [unit_weights(unit) for unit in stage.layers]
-    return ops.fused_stage(x, weights, _norm_eps(stage), lambda: stage(x))
+    units = [unit_convs(unit) for unit in stage.layers]
+    return ops.fused_stage(x, units, _norm_eps(stage), lambda: stage(x))
 
 
 def _stem_layers(conv1: nnx.Sequential, image: Array) -> Array:

@@ -1,6 +1,6 @@
 """Array functions behind the layers, on NHWC arrays; each picks its backend inside (XLA
-everywhere, the C++ kernels of `native` on the CPU where they apply, `platform`). In bfloat16
-or float16 every sum accumulates in float32 and rounds once (`accumulation_dtype`)."""
+everywhere, the C++ `shufflenet_jax.kernels` on the CPU where they apply, `platform`). In
+bfloat16 or float16 every sum accumulates in float32 and rounds once (`accumulation_dtype`)."""
 
 from shufflenet_jax.ops.common import accumulation_dtype
 from shufflenet_jax.ops.conv import (
@@ -15,7 +15,7 @@ from shufflenet_jax.ops.conv import (
     pointwise_einsum,
     pointwise_lax,
 )
-from shufflenet_jax.ops.fused import fused_stage, fused_stem_pool
+from shufflenet_jax.ops.fused import UnitConvs, fused_stage, fused_stem_pool
 from shufflenet_jax.ops.norm import batch_norm_train
 from shufflenet_jax.ops.pool import global_average_pool, max_pool_3x3_s2
 from shufflenet_jax.ops.shuffle import (
@@ -25,6 +25,7 @@ from shufflenet_jax.ops.shuffle import (
 )
 
 __all__ = [
+    "UnitConvs",
     "accumulation_dtype",
     "batch_norm_train",
     "channel_shuffle",

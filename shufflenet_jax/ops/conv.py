@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from shufflenet_jax.ops import native
+from shufflenet_jax import kernels
 from shufflenet_jax.ops.common import accumulation_dtype, matmul_channels, windows
-from shufflenet_jax.ops.platform import native_usable, on_cpu, with_cpu_kernel_grad
+from shufflenet_jax.ops.platform import kernels_apply, on_cpu, with_cpu_kernel_grad
 
 Array = jax.Array
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -79,7 +79,7 @@ _conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 def conv_native(x: Array, kernel: Array, stride: int) -> Array:
     """Dense convolution for the 3-channel stem: on the CPU in float32, a C++ forward pass for
-    3x3 stride 2 (`native.stem_conv`; `conv_taps` for other shapes) and a C++ kernel gradient
+    3x3 stride 2 (`kernels.stem_conv`; `conv_taps` for other shapes) and a C++ kernel gradient
     (XLA writes and multiplies im2col's stacked windows).
 
     Its input gradient (never needed for images) is im2col's. Other dtypes and backends, and
@@ -92,7 +92,7 @@ def conv_native(x: Array, kernel: Array, stride: int) -> Array:
 
 def _stem_native(x: Array, kernel: Array) -> bool:
     square = kernel.shape[0] == kernel.shape[1]
-    return square and kernel.shape[3] <= 64 and native_usable(x, kernel)
+    return square and kernel.shape[3] <= 64 and kernels_apply(x, kernel)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -100,7 +100,7 @@ def _conv_native(x: Array, kernel: Array, stride: int) -> Array:
     y = conv_im2col(x, kernel, stride)
     if _stem_native(x, kernel):
         if kernel.shape[:2] == (3, 3) and stride == 2:
-            y = on_cpu(native.stem_conv, y, x, kernel)
+            y = on_cpu(kernels.stem_conv, y, x, kernel)
         else:
             y = on_cpu(lambda x, k: conv_taps(x, k, stride), y, x, kernel)
     return y
@@ -114,7 +114,7 @@ def _conv_native_bwd(stride: int, res: tuple[Array, Array], g: Array):
     x, kernel = res
     return with_cpu_kernel_grad(
         lambda x, k: conv_im2col(x, k, stride),
-        lambda x, g: native.dense_kernel_grad(x, g, kernel.shape, stride),
+        lambda x, g: kernels.dense_kernel_grad(x, g, kernel.shape, stride),
         _stem_native(x, kernel) and g.dtype == jnp.float32,
         x,
         kernel,
@@ -150,7 +150,7 @@ def depthwise_native(x: Array, kernel: Array, stride: int) -> Array:
     """`depthwise_shifted` whose float32 3x3 kernel gradient on the CPU is a C++ kernel.
 
     XLA:CPU materializes the nine shifted windows for that gradient; the kernel
-    (native.depthwise_kernel_grad) reads input and output gradient once. Other dtypes, kernel
+    (kernels.depthwise_kernel_grad) reads input and output gradient once. Other dtypes, kernel
     sizes and backends, or a machine where the kernel cannot be built, use XLA's gradient.
     """
     return _depthwise_native(x, kernel, stride)
@@ -169,8 +169,8 @@ def _depthwise_native_bwd(stride: int, res: tuple[Array, Array], g: Array):
     x, kernel = res
     return with_cpu_kernel_grad(
         lambda x, k: depthwise_shifted(x, k, stride),
-        lambda x, g: native.depthwise_kernel_grad(x, g, stride),
-        kernel.shape[:2] == (3, 3) and stride in (1, 2) and native_usable(x, g, kernel),
+        lambda x, g: kernels.depthwise_kernel_grad(x, g, stride),
+        kernel.shape[:2] == (3, 3) and stride in (1, 2) and kernels_apply(x, g, kernel),
         x,
         kernel,
         g,

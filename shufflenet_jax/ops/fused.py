@@ -1,52 +1,58 @@
 """The inference network's fused calls: the stem with its max-pool, and whole stages.
 
-On the CPU in float32 each is one C++ call (`native`); elsewhere it is the same function
-through XLA, given as a callable and chosen when the computation is lowered.
+On the CPU in float32, with the C++ kernels loaded, each is one C++ call (`kernels`);
+elsewhere it is the same function through XLA, given as a callable and chosen when the
+computation is lowered (`platform`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
-from jax import lax
 
-from shufflenet_jax.ops import native
-from shufflenet_jax.ops.platform import native_usable
+from shufflenet_jax import kernels
+from shufflenet_jax.kernels import ConvNorm
+from shufflenet_jax.ops.platform import on_cpu_or_layers
 
 Array = jax.Array
 
 
+class UnitConvs(NamedTuple):
+    """An inference unit's convolutions, each an HWIO kernel with its inference BatchNorm's
+    (gamma, beta, mean, var): branch 2's 1x1, 3x3 depthwise and 1x1, and a stride-2 unit's
+    branch 1 (3x3 depthwise, 1x1; empty for stride 1)."""
+
+    branch2: tuple[ConvNorm, ConvNorm, ConvNorm]
+    branch1: tuple[ConvNorm, ...] = ()
+
+
 def fused_stage(
-    x: Array,
-    units: list[native.UnitWeights | native.DownUnitWeights],
-    eps: float | None,
-    layers: Callable[[], Array],
+    x: Array, units: list[UnitConvs], eps: float | None, layers: Callable[[], Array]
 ) -> Array:
-    """`native.shuffle_stage(x, units, eps)` when compiling for the CPU in float32 with the C++
-    kernels built and one eps for all BatchNorms (None: they differ); otherwise `layers()`,
-    the same stage computed by XLA."""
-    flat = [a for unit in units for a in unit]
-    if eps is None or not native_usable(x, *flat):
+    """The stage of `units` as one C++ call (`kernels.shuffle_stage`) where lowered for the CPU
+    in float32 with the kernels loaded and one eps for all BatchNorms (None: they differ);
+    otherwise `layers()`, the same stage computed by XLA."""
+    if eps is None:
         return layers()
-    kinds = [type(unit) for unit in units]
+    packed = [kernels.pack_unit(*unit) for unit in units]
+    kinds = [type(unit) for unit in packed]
 
     def kernel(x: Array, *flat: Array) -> Array:
         it = iter(flat)
-        return native.shuffle_stage(x, [k(*(next(it) for _ in k._fields)) for k in kinds], eps)
+        return kernels.shuffle_stage(x, [k(*(next(it) for _ in k._fields)) for k in kinds], eps)
 
-    return lax.platform_dependent(x, *flat, cpu=kernel, default=lambda *_: layers())
+    return on_cpu_or_layers(kernel, layers, x, *(a for unit in packed for a in unit))
 
 
 def fused_stem_pool(
     x: Array, kernel: Array, norm: tuple[Array, ...], eps: float, layers: Callable[[], Array]
 ) -> Array:
-    """`native.stem_pool(x, kernel, norm, eps)` when compiling for the CPU in float32 with the
-    C++ kernels built; otherwise `layers()`, the same stem and max-pool computed by XLA."""
-    if not native_usable(x, kernel, *norm):
-        return layers()
+    """The stem and max-pool as one C++ call (`kernels.stem_pool`) where lowered for the CPU
+    in float32 with the kernels loaded; otherwise `layers()`, the same computed by XLA."""
 
     def stem(x: Array, kernel: Array, *norm: Array) -> Array:
-        return native.stem_pool(x, kernel, norm, eps)
+        return kernels.stem_pool(x, kernel, norm, eps)
 
-    return lax.platform_dependent(x, kernel, *norm, cpu=stem, default=lambda *_: layers())
+    return on_cpu_or_layers(stem, layers, x, kernel, *norm)

@@ -1,47 +1,28 @@
-"""Hand-written CPU kernels (C++ in `csrc/`), built on first use and called through XLA's FFI.
+"""The network's C++ CPU kernels (`csrc/kernels.cc`), called through XLA's FFI, and the weight
+records the fused inference kernels read.
 
 XLA:CPU computes the depthwise kernel gradient as nine reductions over materialized shifted
 windows, the 3-channel stem's kernel gradient through stacked windows, and BatchNorm's
 per-channel sums as one reduction each; the C++ kernels read their inputs once. For inference
 with BatchNorm folded, the stem with its max-pool and each stage of units run as one call,
 keeping each image's activations in the cache between layers (docs/performance.md).
-The library is compiled with `$CXX` (default `g++`) for this machine (or the
-`-march` in `$SHUFFLENET_JAX_MARCH`) into
-`$SHUFFLENET_JAX_CACHE` (default `~/.cache/shufflenet_jax`), keyed by the source, the jaxlib
-version, the flags and the CPU model, so later processes load it as built.
+
+Nothing here is compiled or registered until `load()` is called (`setup_process` does, for
+programs on the CPU); tracing asks only `loaded()`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+from shufflenet_jax.kernels.build import CSRC, NativeBuildError, build_library, load_library, march
+
 Array = jax.Array
-
-_SOURCE = Path(__file__).parent / "csrc" / "kernels.cc"
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
-
-
-def _march() -> str:
-    """g++'s -march: this CPU's own instruction set unless $SHUFFLENET_JAX_MARCH names
-    another (x86-64-v3, AVX2 and FMA with 16 vector registers, checks that build on an
-    AVX-512 machine; the kernels pick their register blocking from it)."""
-    return os.environ.get("SHUFFLENET_JAX_MARCH", "native")
-
 
 _TARGETS = {  # FFI target name: C++ handler symbol
     "shufflenet_depthwise_kernel_grad": "ShufflenetDepthwiseKernelGrad",
@@ -52,102 +33,45 @@ _TARGETS = {  # FFI target name: C++ handler symbol
     "shufflenet_stem_pool": "ShufflenetStemPool",
     "shufflenet_stem_conv": "ShufflenetStemConv",
 }
+_SOURCE = "kernels.cc"
+_state: dict[str, bool | str] = {}  # "loaded": registered with XLA; "error": why not
 
 
-class NativeBuildError(RuntimeError):
-    """The C++ kernels could not be compiled or loaded on this machine."""
+def load() -> bool:
+    """Builds (first time) or loads the kernels and registers them with XLA, once per
+    process; False, with one warning naming the reason, where they do not build here (XLA's
+    formulations then run everywhere)."""
+    if "loaded" not in _state:
+        try:
+            library = load_library(_SOURCE)
+            for target, symbol in _TARGETS.items():
+                handler = jax.ffi.pycapsule(getattr(library, symbol))
+                jax.ffi.register_ffi_target(target, handler, platform="cpu")
+            _state["loaded"] = True
+        except NativeBuildError as e:
+            _state.update(loaded=False, error=str(e))
+            warnings.warn(f"C++ kernels unavailable, XLA's formulations run: {e}", stacklevel=2)
+    return bool(_state["loaded"])
 
 
-def _cache_dir() -> Path:
-    default = Path.home() / ".cache" / "shufflenet_jax"
-    return Path(os.environ.get("SHUFFLENET_JAX_CACHE", default))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line for line in f if line.startswith(("model name", "flags"))]
-    except OSError:
-        names = []
-    return "".join(names[:2]) or platform.processor()
-
-
-def build_library(source_path: Path = _SOURCE, libraries: tuple[str, ...] = ()) -> Path:
-    """Compiles a csrc/ file (the kernels by default), linked with the system `libraries`
-    (`-l` names), unless a build of this exact source is cached; its path."""
-    compiler = os.environ.get("CXX", "g++")
-    headers = sorted(source_path.parent.glob("*.h"))  # the sources include them: in the key
-    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in headers)
-    key = hashlib.sha256(
-        source
-        + jaxlib.__version__.encode()
-        + compiler.encode()
-        + " ".join((*_FLAGS, _march(), *libraries)).encode()
-        + _cpu_model().encode()  # -march=native: a shared cache must not mix CPU models
-    ).hexdigest()[:16]
-    cache = _cache_dir()
-    lib = cache / f"{source_path.stem}-{key}.so"
-    if lib.exists():
-        return lib
-    if shutil.which(compiler) is None:
-        raise NativeBuildError(
-            f"C++ compiler {compiler!r} not found (set CXX); needed to build {source_path.name}"
-        )
-    cache.mkdir(parents=True, exist_ok=True)
-    # Compile to a private name, then rename: concurrent processes never load a partial file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    cmd = [compiler, *_FLAGS, f"-march={_march()}", "-isystem", jax.ffi.include_dir()]
-    cmd += [str(source_path), "-o", tmp, *(f"-l{name}" for name in libraries)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(tmp)
-        name = source_path.name
-        raise NativeBuildError(f"compiling {name} failed:\n{' '.join(cmd)}\n{done.stderr}")
-    os.replace(tmp, lib)
-    return lib
-
-
-def load_optional(
-    source_path: Path, what: str, libraries: tuple[str, ...] = ()
-) -> ctypes.CDLL | None:
-    """`build_library(source_path, libraries)` loaded through ctypes, or None with one warning
-    (`what` unavailable, Pillow's used instead) where it does not build or load here."""
-    try:
-        return ctypes.cdll.LoadLibrary(str(build_library(source_path, libraries)))
-    except (NativeBuildError, OSError) as e:
-        warnings.warn(f"{what} unavailable, using Pillow's: {e}", stacklevel=4)
-        return None
-
-
-@functools.cache
-def _register() -> None:
-    library = ctypes.cdll.LoadLibrary(str(build_library()))
-    for target, symbol in _TARGETS.items():
-        handler = jax.ffi.pycapsule(getattr(library, symbol))
-        jax.ffi.register_ffi_target(target, handler, platform="cpu")
-
-
-@functools.cache
-def available() -> bool:
-    """Whether the C++ kernels build and load here; if not, warns once with the reason."""
-    try:
-        _register()
-    except (NativeBuildError, OSError) as e:
-        warnings.warn(f"C++ kernels unavailable, using XLA's gradients instead: {e}", stacklevel=2)
-        return False
-    return True
+def loaded() -> bool:
+    """Whether `load()` has registered the kernels: what tracing asks (it never builds)."""
+    return bool(_state.get("loaded"))
 
 
 def status() -> str:
-    """Builds or loads the kernels now; says where they are, or that XLA's formulations run."""
-    if not available():
-        return "unavailable (XLA's formulations run instead)"
-    return f"{build_library()} (-march={_march()})"
+    """Where the loaded kernels are, or why XLA's formulations run instead."""
+    if loaded():
+        return f"{build_library(CSRC / _SOURCE)} (-march={march()})"
+    reason = _state.get("error", "not loaded (shufflenet_jax.kernels.load())")
+    return f"unavailable, XLA's formulations run: {reason}"
 
 
 def _call(target: str, shape: tuple[int, ...], *args: Array, **attrs: float) -> Array:
-    _register()
+    if not loaded():
+        raise RuntimeError(
+            f"{target}: the C++ kernels are not loaded (shufflenet_jax.kernels.load())"
+        )
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     typed = {k: np.float32(v) if isinstance(v, float) else np.int64(v) for k, v in attrs.items()}
@@ -253,6 +177,20 @@ DownUnitWeights.__doc__ = """A stride-2 unit's weights: branch 2's as in `UnitWe
 first 1x1 reads all C_in channels), then branch 1's depthwise (9, C_in) and 1x1 (C_in, half)
 kernels, each followed by its BatchNorm's four buffers."""
 _ONE, _DOWN = len(UnitWeights._fields), len(DownUnitWeights._fields)
+
+ConvNorm = tuple[Array, tuple[Array, Array, Array, Array]]  # HWIO kernel; gamma, beta, mean, var
+
+
+def pack_unit(
+    branch2: tuple[ConvNorm, ConvNorm, ConvNorm], branch1: tuple[ConvNorm, ...] = ()
+) -> UnitWeights | DownUnitWeights:
+    """A unit's convolutions, each an HWIO kernel with its inference BatchNorm's buffers
+    (branch 2: 1x1, 3x3 depthwise, 1x1; branch 1 of a stride-2 unit: 3x3 depthwise, 1x1), as
+    the record `shuffle_stage` reads: kernels flattened to (taps * C_in, C_out)."""
+    flat = []
+    for kernel, norm in (*branch2, *branch1):
+        flat += [kernel.reshape(-1, kernel.shape[-1]), *norm]
+    return DownUnitWeights(*flat) if branch1 else UnitWeights(*flat)
 
 
 def shuffle_stage(x: Array, units: list[tuple[Array, ...]], eps: float) -> Array:
