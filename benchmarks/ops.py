@@ -23,6 +23,7 @@ import numpy as np
 
 from lab import variants
 from shufflenet_jax import kernels, ops
+from shufflenet_jax.ops import conv
 from shufflenet_jax.train.step import train_compiler_options
 
 
@@ -67,7 +68,7 @@ def cases(batch: int):
 
 
 def _dw_kernel_grad_autodiff(x, g, k, stride):
-    return jax.grad(lambda k: jnp.sum(ops.depthwise_shifted(x, k, stride) * g))(k)
+    return jax.grad(lambda k: jnp.sum(conv.depthwise_shifted(x, k, stride) * g))(k)
 
 
 def _dw_kernel_grad_per_tap(x, g, k, stride):
@@ -138,7 +139,7 @@ def main() -> None:
         k = jnp.asarray(rng.standard_normal((3, 3, 1, shape[-1]), np.float32))
         g = jnp.asarray(
             rng.standard_normal(
-                jax.eval_shape(partial(ops.depthwise_shifted, stride=stride), x, k).shape,
+                jax.eval_shape(partial(conv.depthwise_shifted, stride=stride), x, k).shape,
                 np.float32,
             )
         )

@@ -1,7 +1,7 @@
 """Side-by-side throughput of ShuffleNet V2: JAX (this package) against torchvision, same process.
 
     python benchmarks/throughput.py [--widths 1.0] [--batches 1 32] [--repeats 5]
-        [--torch-compile] [--no-fold-bn] [--ops fused:layers] [--json OUT]
+        [--torch-compile] [--no-fold-bn] [--impl fused:layers] [--json OUT]
     python benchmarks/throughput.py --fake-data [--fake-dtype bfloat16] --batches 256
     python benchmarks/throughput.py --deploy [--cases readme ort_torchvision ...] [--json OUT]
 
@@ -39,7 +39,7 @@ import optax
 from flax import nnx
 
 from lab import variants
-from shufflenet_jax.model import Ops, ShuffleNetV2, fold_batchnorm
+from shufflenet_jax.model import Impl, ShuffleNetV2, fold_batchnorm
 from shufflenet_jax.process import cpu_is_default_backend, setup_process
 from shufflenet_jax.train.state import TrainState
 from shufflenet_jax.train.step import (
@@ -68,7 +68,7 @@ def _timed_first_call(fn: Callable[[], None]) -> float:
 
 class JaxCase:
     """The library's jitted predict and train steps of one ShuffleNetV2 configuration on one
-    batch (`ops`: the implementations, `lab.variants`)."""
+    batch (`impl`: the implementations, `lab.variants`)."""
 
     def __init__(
         self,
@@ -78,9 +78,9 @@ class JaxCase:
         fold_bn: bool,
         train_options: dict | None = None,
         eval_options: dict | None = None,
-        ops: Ops | None = None,
+        impl: Impl | None = None,
     ):
-        model = ShuffleNetV2(width, rngs=nnx.Rngs(0), **({} if ops is None else {"ops": ops}))
+        model = ShuffleNetV2(width, rngs=nnx.Rngs(0), **({} if impl is None else {"impl": impl}))
         model.eval()
         infer_graphdef, *self.infer_state = split_model(fold_batchnorm(model) if fold_bn else model)
         self.predict = make_predict(infer_graphdef, eval_options)
@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> dict:
                     args.fold_bn,
                     args.train_options,
                     args.eval_options,
-                    variants.parse(args.ops),
+                    variants.parse(args.impl),
                 ),
                 "torch_eager": TorchCase(width, batch, args.size, False, False),
                 "torch_channels_last": TorchCase(width, batch, args.size, True, False),
@@ -341,7 +341,7 @@ def run(args: argparse.Namespace) -> dict:
         **_versions(),
         "isa": args.isa,
         "dtype": "float32",
-        "jax_ops": args.ops or "defaults",
+        "jax_impl": args.impl or "defaults",
         "jax_infer_fold_bn": args.fold_bn,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "host_malloc_reuse": args.host_malloc_applied,
@@ -616,7 +616,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=64, help="images per timing round")
     p.add_argument(
-        "--ops", default="", help="implementations, e.g. dense:lax,fused:layers (lab.variants)"
+        "--impl", default="", help="implementations, e.g. dense:lax,fused:layers (lab.variants)"
     )
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile")
     p.add_argument(

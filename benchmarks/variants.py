@@ -44,7 +44,7 @@ def parse_variant(text: str, mode: str) -> tuple[str, dict]:
         merged = {**kwargs.get(key, defaults), **options}
         kwargs[key] = {k: v for k, v in merged.items() if v != "-"}
     names = {k: kwargs.pop(k) for k in list(kwargs) if k in variants.CATALOGS}
-    return name, {**kwargs, "ops": variants.named_ops(**names)}
+    return name, {**kwargs, "impl": variants.named_impl(**names)}
 
 
 def main() -> None:

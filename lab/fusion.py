@@ -237,7 +237,7 @@ def unit_case(channels: int, shuffle: str, depthwise: str, mode: str, dtype: Any
             channels,
             channels,
             1,
-            ops=impls.named_ops(shuffle=shuffle, depthwise=depthwise),
+            impl=impls.named_impl(shuffle=shuffle, depthwise=depthwise),
             rngs=nnx.Rngs(0),
         )
     )
@@ -252,7 +252,7 @@ class UnitPair(nnx.Module):
 
     def __init__(self, channels: int, shuffle: str, depthwise: str, rngs: nnx.Rngs):
         impl = "transpose" if shuffle == "folded" else shuffle
-        kw = dict(ops=impls.named_ops(shuffle=impl, depthwise=depthwise), rngs=rngs)
+        kw = dict(impl=impls.named_impl(shuffle=impl, depthwise=depthwise), rngs=rngs)
         self.first = ShuffleUnit(channels, channels, 1, **kw)
         self.second = ShuffleUnit(channels, channels, 1, **kw)
         self.folded = shuffle == "folded"
@@ -264,7 +264,7 @@ class UnitPair(nnx.Module):
         a, b = x1, self.first.branch2(x2)  # the first unit's concat is [a, b], unshuffled
         q = a.shape[-1] // 2
         # shuffle(a, b) interleaves them: its halves interleave a[:q], b[:q] and a[q:], b[q:]
-        passthrough = ops.channel_shuffle_stack(jnp.concatenate([a[..., :q], b[..., :q]], -1), 2)
+        passthrough = impls.channel_shuffle_stack(jnp.concatenate([a[..., :q], b[..., :q]], -1), 2)
         first_conv, *rest = self.second.branch2.layers
         w = first_conv.kernel[...]  # (1, 1, C/2 in, C/2 out); input k of the branch is shuffled k
         y = ops.pointwise_dot(a[..., q:], w[:, :, 0::2]) + ops.pointwise_dot(
@@ -321,7 +321,7 @@ def block_case(channels: int, bn_relu: str, mode: str, dtype: Any = jnp.float32)
 
 
 def net_case(width: float, shuffle: str, depthwise: str, mode: str, dtype: Any = jnp.float32):
-    model = abstract_model(width, 1000, ops=impls.named_ops(shuffle=shuffle, depthwise=depthwise))
+    model = abstract_model(width, 1000, impl=impls.named_impl(shuffle=shuffle, depthwise=depthwise))
 
     def loss(m, x):
         logits = m(x).astype(jnp.float32)

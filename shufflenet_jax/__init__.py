@@ -7,7 +7,7 @@ weights, comparison, the model checkpoint format), `data` (datasets and the inpu
 
 from shufflenet_jax.model import (
     STAGE_NAMES,
-    Ops,
+    Impl,
     ShuffleNetV2,
     ShuffleUnit,
     check_width,
@@ -22,7 +22,7 @@ from shufflenet_jax.train.step import predictor
 
 __all__ = [
     "STAGE_NAMES",
-    "Ops",
+    "Impl",
     "ShuffleNetV2",
     "ShuffleUnit",
     "channel_shuffle",

@@ -28,7 +28,7 @@ def test_network_shuffle_variants_give_the_same_outputs():
     outputs = {}
     for shuffle in fusion.SHUFFLES:
         model = fusion._random_model(
-            abstract_model(0.5, 10, ops=variants.named_ops(shuffle=shuffle)), seed=3
+            abstract_model(0.5, 10, impl=variants.named_impl(shuffle=shuffle)), seed=3
         )
         f, params, stats = fusion._as_pure(model, "forward", None)
         outputs[shuffle] = np.asarray(jax.jit(f)(params, stats, x))

@@ -133,7 +133,7 @@ def test_jit_and_eager_agree(model, mode):
     )
 
 
-REFERENCE_IMPLS = dict(ops=variants.named_ops(dense="lax", depthwise="lax", pointwise="lax"))
+REFERENCE_IMPLS = dict(impl=variants.named_impl(dense="lax", depthwise="lax", pointwise="lax"))
 
 
 @pytest.mark.parametrize("width", sorted(TORCHVISION_PARAMS))
@@ -218,11 +218,11 @@ def test_stride_one_unit_must_keep_channel_count():
 
 def test_unknown_implementation_names_are_rejected():
     with pytest.raises(ValueError, match="unknown depthwise implementation 'fast'"):
-        variants.named_ops(depthwise="fast")
+        variants.named_impl(depthwise="fast")
     with pytest.raises(ValueError, match="unknown fused implementation 'fusedd'"):
         variants.parse("fused:fusedd")
     with pytest.raises(ValueError, match="unknown op 'stem'"):
-        variants.named_ops(stem="lax")
+        variants.named_impl(stem="lax")
 
 
 @pytest.mark.parametrize("shape", [(32, 32, 3), (1, 32, 32, 1), (1, 3, 32, 32), (1, 1, 32, 32, 3)])

@@ -261,7 +261,7 @@ def _folded(width, folded_impl, seed=0):
 
     values = random_values(abstract_model(width, 10), seed)
     model = with_values(
-        abstract_model(width, 10, ops=variants.named_ops(fused=folded_impl)), values
+        abstract_model(width, 10, impl=variants.named_impl(fused=folded_impl)), values
     )
     model.eval()
     return fold_batchnorm(model)
@@ -304,7 +304,7 @@ def test_eval_mode_models_use_the_stem_and_stage_kernels_and_training_does_not()
     out = {}
     for impl, calls in (("native", (3, 1)), ("layers", (0, 0))):
         model = with_values(
-            abstract_model(0.5, ops=variants.named_ops(fused=impl)),
+            abstract_model(0.5, impl=variants.named_impl(fused=impl)),
             random_values(abstract_model(0.5), 4),
         )
         model.eval()

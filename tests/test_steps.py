@@ -7,7 +7,7 @@ from flax import nnx
 
 from shufflenet_jax import ops
 from shufflenet_jax.model.folded import fold_batchnorm
-from shufflenet_jax.model.layers import BatchNorm, Bias, Ops
+from shufflenet_jax.model.layers import BatchNorm, Bias, Impl
 from shufflenet_jax.model.network import (
     ShuffleUnit,
     abstract_model,
@@ -123,7 +123,8 @@ def test_eval_compiler_options_leave_logits_unchanged(model):
     """On XLA's layers (the C++ stage kernels leave XLA almost no matmuls to place)."""
     assert eval_compiler_options("cpu") and eval_compiler_options("gpu") == {}
     layers = with_values(
-        abstract_model(0.5, 10, ops=Ops(fused_inference=False)), nnx.to_pure_dict(nnx.state(model))
+        abstract_model(0.5, 10, impl=Impl(fused_inference=False)),
+        nnx.to_pure_dict(nnx.state(model)),
     )
     graphdef, params, stats = split_model(layers)
     x = jax.random.normal(jax.random.key(5), (8, 64, 64, 3))

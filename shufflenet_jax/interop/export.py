@@ -8,7 +8,7 @@ Formats: `stablehlo` (`jax.export`: one file for cpu, cuda and tpu, XLA's operat
 weights embedded; loading it needs only jax), `onnx` (ONNX Runtime; `onnx_graph`), `tflite`
 (LiteRT, through `jax2tf` and TensorFlow's converter). Every export runs the written file once
 on a fixed input and reports its largest logit difference from the JAX model. All formats
-compute the BatchNorm-folded model with XLA's convolution operations (`EXPORT_OPS`); the C++
+compute the BatchNorm-folded model with XLA's convolution operations (`EXPORT_IMPL`); the C++
 kernels of this package are never exported (nothing could run them elsewhere).
 """
 
@@ -28,10 +28,10 @@ from flax import nnx
 
 from shufflenet_jax import ops
 from shufflenet_jax.model.folded import fold_batchnorm
-from shufflenet_jax.model.layers import Ops
+from shufflenet_jax.model.layers import Impl
 from shufflenet_jax.model.network import ShuffleNetV2, abstract_model, with_values
 
-EXPORT_OPS = Ops(
+EXPORT_IMPL = Impl(
     dense=ops.conv_lax,
     depthwise=ops.depthwise_lax,
     pointwise=ops.pointwise_lax,
@@ -53,7 +53,7 @@ def require(module: str) -> Any:
 def export_model(model: ShuffleNetV2) -> ShuffleNetV2:
     """`model`'s weights in an inference copy made of XLA's convolution ops, BatchNorm folded:
     what every format computes. Non-finite weights are an error naming the first."""
-    abstract = abstract_model(model.width, model.num_classes, ops=EXPORT_OPS)
+    abstract = abstract_model(model.width, model.num_classes, impl=EXPORT_IMPL)
     copy = with_values(abstract, nnx.to_pure_dict(nnx.state(model)))
     copy.eval()
     return fold_batchnorm(copy)

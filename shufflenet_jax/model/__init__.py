@@ -1,7 +1,7 @@
 """The network: leaf layers, ShuffleNet V2 itself, BatchNorm folding, and the layer summary."""
 
 from shufflenet_jax.model.folded import fold_batchnorm
-from shufflenet_jax.model.layers import Ops
+from shufflenet_jax.model.layers import Impl
 from shufflenet_jax.model.network import (
     STAGE_NAMES,
     ShuffleNetV2,
@@ -17,7 +17,7 @@ from shufflenet_jax.model.network import (
 
 __all__ = [
     "STAGE_NAMES",
-    "Ops",
+    "Impl",
     "ShuffleNetV2",
     "ShuffleUnit",
     "abstract_model",

@@ -15,7 +15,7 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class Ops:
+class Impl:
     """How the network computes each op: the model's one implementation switch, injected by
     experiments (`lab.variants`). Every choice computes the same function (tests); the
     defaults are the fastest measured, each picking C++ or XLA by platform inside.
@@ -51,7 +51,7 @@ class Conv2d(nnx.Module):
     """Bias-free 2-D convolution padded by kernel_size//2 on every side (PyTorch's `padding=k//2`).
 
     `kernel` is HWIO: (k, k, in_channels // groups, out_channels). Each kind of convolution
-    (dense, depthwise, 1x1 pointwise) is computed by the function `ops` gives for it.
+    (dense, depthwise, 1x1 pointwise) is computed by the function `impl` gives for it.
     """
 
     def __init__(
@@ -62,11 +62,11 @@ class Conv2d(nnx.Module):
         *,
         stride: int = 1,
         groups: int = 1,
-        ops: Ops = Ops(),  # noqa: B008  (frozen, so one shared default is safe)
+        impl: Impl = Impl(),  # noqa: B008  (frozen, so one shared default is safe)
         rngs: nnx.Rngs,
     ):
         self.kind = _conv_kind(in_channels, out_channels, kernel_size, stride, groups)
-        self.fn = getattr(ops, self.kind)
+        self.fn = getattr(impl, self.kind)
         self.stride = stride
         shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
         init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")

@@ -19,8 +19,8 @@ from shufflenet_jax.model.layers import (
     BatchNorm,
     Bias,
     Conv2d,
+    Impl,
     MaxPool,
-    Ops,
     inference_norm,
     is_inference_norm,
 )
@@ -64,7 +64,7 @@ class ShuffleUnit(nnx.Module):
         out_channels: int,
         stride: int,
         *,
-        ops: Ops = Ops(),  # noqa: B008  (frozen, so one shared default is safe)
+        impl: Impl = Impl(),  # noqa: B008  (frozen, so one shared default is safe)
         unbiased_running_var: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -81,10 +81,10 @@ class ShuffleUnit(nnx.Module):
                 f"in_channels={in_channels} != out_channels={out_channels}"
             )
         self.stride = stride
-        self.shuffle = ops.shuffle
+        self.shuffle = impl.shuffle
 
         def conv(cin, cout, k, s=1, groups=1):
-            return Conv2d(cin, cout, k, stride=s, groups=groups, ops=ops, rngs=rngs)
+            return Conv2d(cin, cout, k, stride=s, groups=groups, impl=impl, rngs=rngs)
 
         def bn(c):
             return BatchNorm(c, unbiased_running_var=unbiased_running_var)
@@ -191,7 +191,7 @@ _fused_forward.defvjp(_fused_forward_fwd, _fused_forward_bwd)
 class ShuffleNetV2(nnx.Module):
     """ShuffleNet V2 for NHWC RGB images of any size (down to 1x1), returning class logits.
 
-    `ops` chooses how each op is computed (`Ops`; all choices compute the same function). In
+    `impl` chooses how each op is computed (`Impl`; all choices compute the same function). In
     inference (eval mode, or folded by `fold_batchnorm`) the stem with its max-pool and each
     stage run as one fused call each (C++ on the CPU in float32, XLA elsewhere), with XLA's
     layers' gradients. `unbiased_running_var=True` makes BatchNorm's running variance follow
@@ -203,7 +203,7 @@ class ShuffleNetV2(nnx.Module):
         width: float | str = 1.0,
         num_classes: int = 1000,
         *,
-        ops: Ops = Ops(),  # noqa: B008  (frozen, so one shared default is safe)
+        impl: Impl = Impl(),  # noqa: B008  (frozen, so one shared default is safe)
         unbiased_running_var: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -211,25 +211,25 @@ class ShuffleNetV2(nnx.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes
-        self.fused_inference = ops.fused_inference
+        self.fused_inference = impl.fused_inference
         c1, *stage_channels, c5 = STAGE_OUT_CHANNELS[self.width]
         bn_kw = dict(unbiased_running_var=unbiased_running_var)
 
         self.conv1 = nnx.Sequential(
-            Conv2d(3, c1, 3, stride=2, ops=ops, rngs=rngs), BatchNorm(c1, **bn_kw), nnx.relu
+            Conv2d(3, c1, 3, stride=2, impl=impl, rngs=rngs), BatchNorm(c1, **bn_kw), nnx.relu
         )
         self.maxpool = MaxPool()
         cin = c1
         for name, repeats, cout in zip(
             STAGE_NAMES[2:5], STAGE_REPEATS, stage_channels, strict=True
         ):
-            unit_kw = dict(ops=ops, rngs=rngs, **bn_kw)
+            unit_kw = dict(impl=impl, rngs=rngs, **bn_kw)
             units = [ShuffleUnit(cin, cout, 2, **unit_kw)]
             units += [ShuffleUnit(cout, cout, 1, **unit_kw) for _ in range(repeats - 1)]
             setattr(self, name, nnx.Sequential(*units))
             cin = cout
         self.conv5 = nnx.Sequential(
-            Conv2d(cin, c5, 1, ops=ops, rngs=rngs), BatchNorm(c5, **bn_kw), nnx.relu
+            Conv2d(cin, c5, 1, impl=impl, rngs=rngs), BatchNorm(c5, **bn_kw), nnx.relu
         )
         self.fc = nnx.Linear(c5, num_classes, rngs=rngs)
 

@@ -4,45 +4,31 @@ bfloat16 or float16 every sum accumulates in float32 and rounds once (`accumulat
 
 from shufflenet_jax.ops.common import accumulation_dtype
 from shufflenet_jax.ops.conv import (
-    conv_im2col,
     conv_lax,
     conv_native,
-    conv_taps,
     depthwise_lax,
     depthwise_native,
-    depthwise_shifted,
     pointwise_dot,
-    pointwise_einsum,
     pointwise_lax,
 )
 from shufflenet_jax.ops.fused import UnitConvs, fused_stage, fused_stem_pool
 from shufflenet_jax.ops.norm import batch_norm_train
 from shufflenet_jax.ops.pool import global_average_pool, max_pool_3x3_s2
-from shufflenet_jax.ops.shuffle import (
-    channel_shuffle,
-    channel_shuffle_gather,
-    channel_shuffle_stack,
-)
+from shufflenet_jax.ops.shuffle import channel_shuffle
 
 __all__ = [
     "UnitConvs",
     "accumulation_dtype",
     "batch_norm_train",
     "channel_shuffle",
-    "channel_shuffle_gather",
-    "channel_shuffle_stack",
-    "conv_im2col",
     "conv_lax",
     "conv_native",
-    "conv_taps",
     "depthwise_lax",
     "depthwise_native",
-    "depthwise_shifted",
     "fused_stage",
     "fused_stem_pool",
     "global_average_pool",
     "max_pool_3x3_s2",
     "pointwise_dot",
-    "pointwise_einsum",
     "pointwise_lax",
 ]

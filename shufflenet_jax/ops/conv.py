@@ -1,5 +1,7 @@
-"""Convolutions: dense (the stem), depthwise and 1x1, each in formulations that compute the same
-function and differ in how XLA compiles them."""
+"""Convolutions: dense (the stem), depthwise and 1x1. The model's defaults (`conv_native`,
+`depthwise_native`, `pointwise_dot`), the XLA formulations they are built from (`conv_im2col`,
+`conv_taps`, `depthwise_shifted`) and the `lax.conv` references (`*_lax`, what exports use);
+the experiments' alternatives and the names that choose among all of them: `lab.variants`."""
 
 from __future__ import annotations
 
@@ -188,10 +190,3 @@ def pointwise_lax(x: Array, kernel: Array) -> Array:
 def pointwise_dot(x: Array, kernel: Array) -> Array:
     """1x1 convolution as a matmul over the channels."""
     return matmul_channels(x, kernel[0, 0])
-
-
-def pointwise_einsum(x: Array, kernel: Array) -> Array:
-    """1x1 convolution as a 4-D einsum over the channels."""
-    acc = accumulation_dtype(x.dtype)
-    k = kernel[0, 0].astype(x.dtype)
-    return jnp.einsum("nhwc,cd->nhwd", x, k, preferred_element_type=acc).astype(x.dtype)
