@@ -1,8 +1,9 @@
 """ShuffleNet V2 in JAX / Flax NNX.
 
-`model` (the network), `ops` (array functions, XLA or C++ by platform), `interop` (torchvision
-weights, comparison, the model checkpoint format), `data` (datasets and the input pipeline),
-`train` (state, step, loop), `evaluation`, and `process` (program-wide setup).
+`model` (the network, which model a config describes, its file format), `ops` (array
+functions, XLA or C++ chosen at lowering), `kernels` (the C++), `interop` (torchvision weights,
+comparison, export), `data` (datasets and the input pipeline), `train` (state, step, loop),
+`evaluation`, `aot` (compiling for GPUs and TPUs without them) and `process` (program setup).
 """
 
 from shufflenet_jax.model import (

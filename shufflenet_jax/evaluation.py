@@ -17,11 +17,12 @@ from flax import nnx
 from shufflenet_jax.data import configured
 from shufflenet_jax.data import pipeline as input_pipeline
 from shufflenet_jax.data.augment import make_augment, standardize
-from shufflenet_jax.interop import checkpoint, convert, export
+from shufflenet_jax.interop import convert, export
+from shufflenet_jax.model import checkpoint
+from shufflenet_jax.model.config import model_kwargs
 from shufflenet_jax.model.layers import BatchNorm
 from shufflenet_jax.model.network import ShuffleNetV2, abstract_model
 from shufflenet_jax.train import checkpoints, parallel, step
-from shufflenet_jax.train.state import model_kwargs
 
 
 def imagenet_class_names() -> list[str]:

@@ -23,10 +23,10 @@ from lab import fusion
 from shufflenet_jax import kernels
 from shufflenet_jax.aot import compile as aot
 from shufflenet_jax.aot import hlo, targets
+from shufflenet_jax.model.config import model_kwargs
 from shufflenet_jax.model.layers import Conv2d
 from shufflenet_jax.model.network import abstract_model
 from shufflenet_jax.train import parallel
-from shufflenet_jax.train.state import model_kwargs
 
 from .helpers import count_independently, set_fields
 

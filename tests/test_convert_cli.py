@@ -11,9 +11,9 @@ from flax import nnx
 from PIL import Image
 
 from shufflenet_jax.interop import compare, convert
-from shufflenet_jax.interop.checkpoint import read_model_config, restore_model
 from shufflenet_jax.interop.compare import random_torchvision_model
 from shufflenet_jax.interop.convert import load_torchvision
+from shufflenet_jax.model.checkpoint import read_model_config, restore_model
 
 pytestmark = pytest.mark.torch
 

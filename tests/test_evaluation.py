@@ -12,8 +12,8 @@ from flax import nnx
 from configs import digits as digits_config
 from shufflenet_jax import evaluation
 from shufflenet_jax.data import pipeline as input_pipeline
-from shufflenet_jax.interop import checkpoint
 from shufflenet_jax.interop.compare import randomize_batchnorm
+from shufflenet_jax.model import checkpoint
 from shufflenet_jax.model.network import abstract_model
 from shufflenet_jax.train.loop import train_and_evaluate
 

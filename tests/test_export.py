@@ -134,7 +134,7 @@ def test_bad_requests_are_one_clear_line(model, tmp_path):
 
 @EXPORT
 def test_export_cli_refuses_a_checkpoint_of_other_classes_in_one_line(tmp_path):
-    from shufflenet_jax.interop.checkpoint import save_model
+    from shufflenet_jax.model.checkpoint import save_model
 
     save_model(tmp_path / "ckpt", random_model())
     out = subprocess.run(

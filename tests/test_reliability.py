@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from shufflenet_jax import ShuffleNetV2
-from shufflenet_jax.interop import checkpoint
+from shufflenet_jax.model import checkpoint
 from shufflenet_jax.train import checkpoints, workdir
 from shufflenet_jax.train.loop import train_and_evaluate
 

@@ -20,7 +20,7 @@ from configs import imagenet as imagenet_config
 from configs import imagenet_cosine
 from shufflenet_jax.data import augment, configured
 from shufflenet_jax.data import pipeline as input_pipeline
-from shufflenet_jax.interop import checkpoint
+from shufflenet_jax.model import checkpoint
 from shufflenet_jax.model.layers import Conv2d
 from shufflenet_jax.model.network import abstract_model
 from shufflenet_jax.train import checkpoints, optim, parallel, step

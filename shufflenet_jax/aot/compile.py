@@ -22,9 +22,10 @@ from jax.sharding import Mesh
 
 from shufflenet_jax.aot import hlo
 from shufflenet_jax.aot.targets import Target, make_mesh, platform, usable_bytes
+from shufflenet_jax.model.config import model_kwargs
 from shufflenet_jax.model.network import abstract_model
 from shufflenet_jax.train import optim, parallel, step
-from shufflenet_jax.train.state import abstract_state, model_kwargs
+from shufflenet_jax.train.state import abstract_state
 
 
 @dataclasses.dataclass

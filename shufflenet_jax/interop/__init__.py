@@ -1,2 +1,2 @@
-"""torchvision interoperability: weight conversion, stage-wise comparison, the model
-checkpoint format."""
+"""torchvision interoperability and deployment: weight conversion, stage-wise comparison,
+export to StableHLO, ONNX and LiteRT."""

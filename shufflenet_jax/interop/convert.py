@@ -197,7 +197,7 @@ def load_torchvision(
     """A ShuffleNetV2 holding torchvision weights (see `load_torch_state_dict` for `source`).
 
     Width and class count come from the tensors; a requested `width` or `num_classes` that
-    disagrees is an error. `model_kwargs` (e.g. `ops`) go to the constructor.
+    disagrees is an error. `model_kwargs` (e.g. `impl`) go to the constructor.
     """
     state_dict = load_torch_state_dict(source)
     found_width, found_classes = infer_width(state_dict), infer_num_classes(state_dict)
@@ -253,7 +253,7 @@ def _torch_order(key: str) -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from shufflenet_jax.interop.checkpoint import restore_model, save_model
+    from shufflenet_jax.model.checkpoint import restore_model, save_model
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -274,7 +274,7 @@ def export(
 
 def _load_model(args: argparse.Namespace) -> ShuffleNetV2:
     if args.checkpoint:
-        from shufflenet_jax.interop.checkpoint import restore_model
+        from shufflenet_jax.model.checkpoint import restore_model
 
         return restore_model(args.checkpoint, args.width, args.num_classes)
     if args.torch_weights:

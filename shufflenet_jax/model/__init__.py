@@ -1,4 +1,5 @@
-"""The network: leaf layers, ShuffleNet V2 itself, BatchNorm folding, and the layer summary."""
+"""The network: leaf layers, ShuffleNet V2 itself, BatchNorm folding, the layer summary, which
+model a config describes (`config`) and the model's file format (`checkpoint`)."""
 
 from shufflenet_jax.model.folded import fold_batchnorm
 from shufflenet_jax.model.layers import Impl

@@ -19,8 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from shufflenet_jax.model.config import model_kwargs
 from shufflenet_jax.model.network import abstract_model, check_width
-from shufflenet_jax.train.state import TrainState, abstract_state, model_kwargs
+from shufflenet_jax.train.state import TrainState, abstract_state
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from shufflenet_jax.interop import checkpoint
+from shufflenet_jax.model import checkpoint
 from shufflenet_jax.train import checkpoints, optim
 from shufflenet_jax.train.state import TrainState
 

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shufflenet_jax.interop import checkpoint
-from shufflenet_jax.model.network import ShuffleNetV2, abstract_model, check_width
+from shufflenet_jax.model import checkpoint
+from shufflenet_jax.model.config import model_kwargs
+from shufflenet_jax.model.network import ShuffleNetV2, abstract_model
 from shufflenet_jax.train import optim
 
 
@@ -23,16 +24,6 @@ class TrainState:
     batch_stats: nnx.State
     opt_state: Any
     ema_params: nnx.State | None
-
-
-def model_kwargs(config: Any) -> dict[str, Any]:
-    """The constructor arguments `config.model` gives, besides the random generator."""
-    m = config.model
-    return dict(
-        width=check_width(m.width),
-        num_classes=m.num_classes,
-        unbiased_running_var=m.unbiased_running_var,
-    )
 
 
 def create_model(config: Any) -> ShuffleNetV2:

@@ -56,7 +56,7 @@ def restore_model(
     **model_kwargs: Any,
 ) -> ShuffleNetV2:
     """Load a checkpoint written by `save_model`. A `width` or `num_classes` that disagrees with
-    the checkpoint is an error; `model_kwargs` (e.g. `ops`) go to the constructor."""
+    the checkpoint is an error; `model_kwargs` (e.g. `impl`) go to the constructor."""
     config = read_model_config(directory)
     if width is not None and check_width(width) != config["width"]:
         raise ValueError(
