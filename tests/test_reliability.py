@@ -316,3 +316,86 @@ def test_a_checkpoint_written_before_digests_were_recorded_still_resumes(
     assert not unusable_warnings(caplog)
     assert any("resumed from step 2" in r.getMessage() for r in caplog.records)
     assert int(result.state.step) == 4
+
+
+def test_the_loss_check_runs_whenever_a_hook_it_guards_is_due():
+    """A hook states its cadence once (`due`); the loss check has none of its own and checks
+    the losses held since its last check as soon as any guarded hook would act."""
+    from shufflenet_jax.train import hooks
+
+    class EveryThird:
+        def due(self, step, last):
+            return step % 3 == 0 or last
+
+    check = hooks.LossCheck([EveryThird()], Path("ckpt"), lambda: None)
+    check(1, None, {"loss": jnp.float32(1.0)}, last=False)
+    check(2, None, {"loss": jnp.float32(jnp.nan)}, last=False)  # held, not yet checked
+    with pytest.raises(FloatingPointError, match="at step 2; no checkpoint had been written"):
+        check(3, None, {"loss": jnp.float32(1.0)}, last=False)
+    check = hooks.LossCheck([EveryThird()], Path("ckpt"), lambda: 6)
+    check(7, None, {"loss": jnp.float32(jnp.inf)}, last=False)
+    with pytest.raises(FloatingPointError, match="step 7; the last good checkpoint, step 6"):
+        check(8, None, {"loss": jnp.float32(1.0)}, last=True)
+
+
+_ONE_HOST_FAILS = """
+import json, sys
+from pathlib import Path
+import jax
+import orbax.checkpoint as ocp
+from shufflenet_jax.process import setup_process
+port, pid, directory = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+setup_process(f"localhost:{port}", 2, pid)
+from configs import digits
+from shufflenet_jax.train import checkpoints, parallel
+from shufflenet_jax.train.state import create_model, create_train_state
+config = digits.get_config()
+replicated = parallel.replicated(parallel.make_mesh())
+state = jax.device_put(create_train_state(config, create_model(config))[2], replicated)
+manager = checkpoints.checkpoint_manager(directory, 3)
+advance = jax.jit(lambda s: s.replace(step=s.step + 1))  # global arrays, as a step makes
+for step in (1, 2):
+    state = advance(state)
+    meta = {**checkpoints.model_description(config), "digests": checkpoints.digests(state)}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    manager.save(step, args=args)
+    manager.wait_until_finished()
+if pid == 1:  # this host alone reads step 2 back wrong (its bytes miss their digests)
+    verify = checkpoints.verify
+    def misread(tree, recorded):
+        if int(tree.step.addressable_data(0)) == 2:
+            raise checkpoints.CheckpointError("array .step does not match its recorded digest")
+        return verify(tree, recorded)
+    checkpoints.verify = misread
+restored = checkpoints.restore_latest(manager, config, replicated)
+step = int(restored.step.addressable_data(0))
+print(json.dumps({"step": step, "steps": sorted(manager.all_steps())}))
+"""
+
+
+@pytest.mark.os_level
+def test_processes_agree_to_set_aside_a_step_unusable_on_one_host_and_resume_together(tmp_path):
+    """Before: only process 0 moved an unusable step aside and each process went on with its
+    own finding, so a read failure on one host let the processes resume from different steps."""
+    from .test_training import free_port
+
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ONE_HOST_FAILS, str(port), str(i), str(tmp_path / "ckpt")],
+            cwd=ROOT,
+            env={**env, "JAX_PLATFORMS": "cpu"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=RUN_LIMIT_S)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.splitlines()[-1]))
+    assert results == [{"step": 1, "steps": [1]}] * 2, results
+    assert step_dirs(tmp_path / "ckpt" / "corrupt") == [2]

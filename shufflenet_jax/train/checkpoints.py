@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from shufflenet_jax.model.config import model_kwargs
 from shufflenet_jax.model.network import abstract_model, check_width
@@ -143,7 +144,8 @@ def _reason(e: BaseException) -> str:
 
 def _move_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
     """Moves an unusable step to DIR/corrupt/STEP (never deleted), so that saves go on from an
-    older step (orbax refuses steps older than the newest directory)."""
+    older step (orbax refuses steps older than the newest directory). Every process calls it
+    for the same step: process 0 moves, the others wait for the move before reloading."""
     directory = Path(manager.directory)
     target, n = directory / "corrupt" / str(step), 1
     while target.exists():
@@ -151,26 +153,41 @@ def _move_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> None:
     if jax.process_index() == 0:
         target.parent.mkdir(exist_ok=True)
         os.replace(directory / str(step), target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     log.warning(
         "checkpoint %d in %s is unusable (%s); moved to %s", step, directory, reason, target
     )
     manager.reload()
 
 
+def _usable_everywhere(reason: str | None) -> bool:
+    """Whether no process found the step unusable (`reason` is this process's finding, None if
+    it restored cleanly): one host's transient read failure makes it unusable for all, so that
+    every process resumes from the same step."""
+    if jax.process_count() == 1:
+        return reason is None
+    return bool(np.all(multihost_utils.process_allgather(np.array(reason is None))))
+
+
 def _newest_first(manager: ocp.CheckpointManager, config: Any, restore_step):
-    """restore_step(step) for the newest step whose checkpoint restores, is of this model and
-    matches its digests; unusable ones are moved aside with a warning; None if none is left."""
+    """restore_step(step) for the newest step whose checkpoint restores on every process, is of
+    this model and matches its digests; unusable ones are moved aside with a warning; None if
+    none is left."""
     for step in sorted(manager.all_steps(), reverse=True):
+        restored, reason = None, None
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             _check_same_model(meta["meta"], config, Path(manager.directory))
             restored = restore_step(step)
             verify(restored, meta["meta"].get("digests"))
-            return restored
         except ForeignCheckpointError:
             raise
         except Exception as e:  # noqa: BLE001  (a truncated file raises many kinds)
-            _move_aside(manager, step, _reason(e))
+            reason = _reason(e)
+        if _usable_everywhere(reason):
+            return restored
+        _move_aside(manager, step, reason or "unusable on another process")
     return None
 
 

@@ -2,7 +2,9 @@
 check, progress lines, evaluation, checkpoints; and the signal handler that stops it.
 
 A hook is called as `hook(step, state, metrics, last)` after every step (`last`: the loop
-ends after this step) and closed when the loop ends.
+ends after this step) and closed when the loop ends; `hook.due(step, last)` states its cadence,
+once, and acts only then. The loss check has none of its own: it runs whenever any hook it
+guards is due, before they log, evaluate or save.
 """
 
 from __future__ import annotations
@@ -101,21 +103,22 @@ def check_cadences(config: Any) -> None:
             raise ValueError(f"config.train.{name} must be a positive number of steps, got {value}")
 
 
-def due(step: int, every: int, last: bool) -> bool:
-    """Whether a cadence of `every` steps is due: at its multiples and at the last step."""
-    return step % every == 0 or last
+def every(step: int, steps: int, last: bool) -> bool:
+    """Whether a cadence of `steps` steps is due: at its multiples and at the last step."""
+    return step % steps == 0 or last
 
 
 class LossCheck:
-    """Raises FloatingPointError at the first non-finite loss, checked whenever `due` (before
-    anything logs, evaluates or saves), so no non-finite state is written; the error says which
-    checkpoint is the last good one (`latest_step()`), if any."""
+    """Raises FloatingPointError at the first non-finite loss, checked whenever one of the
+    `guarded` hooks is due (before anything logs, evaluates or saves), so no non-finite state
+    is written; the error says which checkpoint is the last good one (`latest_step()`), if any."""
 
-    def __init__(
-        self, due: Callable[[int, bool], bool], checkpoint_dir: Path, latest_step: Callable
-    ) -> None:
-        self.due, self.checkpoint_dir, self.latest_step = due, checkpoint_dir, latest_step
+    def __init__(self, guarded: list[Any], checkpoint_dir: Path, latest_step: Callable) -> None:
+        self.guarded, self.checkpoint_dir, self.latest_step = guarded, checkpoint_dir, latest_step
         self.pending: list[tuple[int, jax.Array]] = []
+
+    def due(self, step: int, last: bool) -> bool:
+        return any(hook.due(step, last) for hook in self.guarded)
 
     def __call__(self, step: int, state: TrainState, metrics: dict, last: bool) -> None:
         self.pending.append((step, metrics["loss"]))
@@ -151,10 +154,13 @@ class ProgressLog:
         self.lr_at = optim.schedule(config)
         self.window_start, self.window_steps = time.perf_counter(), 0
 
+    def due(self, step: int, last: bool) -> bool:
+        return every(step, self.config.train.log_every, last)
+
     def __call__(self, step: int, state: TrainState, metrics: dict, last: bool) -> None:
         self.window_steps += 1
         t = self.config.train
-        if not due(step, t.log_every, last):
+        if not self.due(step, last):
             return
         elapsed = time.perf_counter() - self.window_start
         ips = self.window_steps * t.batch_size / max(elapsed, 1e-9)
@@ -197,12 +203,12 @@ class Evaluate:
         self.best = checkpoints.checkpoint_manager(best_dir, 1, best=True)
         self.metrics: dict[str, float] | None = None
 
-    def due(self, step: int) -> bool:
-        t = self.config.train
+    def due(self, step: int, last: bool) -> bool:
+        t = self.config.train  # not at a stop by signal: only the run's own end evaluates
         return step % t.eval_every == 0 or (step == t.total_steps and t.eval_at_end)
 
     def __call__(self, step: int, state: TrainState, metrics: dict, last: bool) -> None:
-        if not self.due(step):
+        if not self.due(step, last):
             return
         result = self.evaluate(state.params, state.batch_stats)
         if state.ema_params is not None:
@@ -237,9 +243,12 @@ class Checkpoint:
     def __init__(self, config: Any, manager: Any, data_iter: Any) -> None:
         self.config, self.manager, self.data_iter = config, manager, data_iter
 
+    def due(self, step: int, last: bool) -> bool:
+        return every(step, self.config.train.checkpoint_every, last)
+
     def __call__(self, step: int, state: TrainState, metrics: dict, last: bool) -> None:
         checkpoints.check_saves(self.manager)
-        if due(step, self.config.train.checkpoint_every, last):
+        if self.due(step, last):
             checkpoints.save(self.manager, step, state, self.config, self.data_iter)
 
     def close(self) -> None:

@@ -85,18 +85,14 @@ def _train(config: Any, workdir: Path, stop_after: int | None, train_batches) ->
     metrics_log = hooks.MetricsLog(workdir)
     evaluator = hooks.Evaluate(config, evaluate, graphdef, metrics_log, workdir / "best")
 
-    def checked(n: int, last: bool) -> bool:  # before anything is logged, evaluated or saved
-        cadences = (t.log_every, t.checkpoint_every, t.eval_every)
-        return last or evaluator.due(n) or any(n % c == 0 for c in cadences)
-
     batches = data_iter if train_batches is None else train_batches
     feed = parallel.DevicePrefetch(batches, data, config.data.prefetch_batches, data_iter.get_state)
-    loop_hooks = [
-        hooks.LossCheck(checked, workdir / "checkpoints", latest.latest_step),
+    acting = [
         hooks.ProgressLog(config, metrics_log, len(train_split)),
         evaluator,
         hooks.Checkpoint(config, latest, feed.position),
     ]
+    loop_hooks = [hooks.LossCheck(acting, workdir / "checkpoints", latest.latest_step), *acting]
     end = t.total_steps if stop_after is None else min(stop_after, t.total_steps)
     n, stopped = int(state.step), False
     try:
