@@ -16,7 +16,8 @@ from flax import nnx
 
 from shufflenet_jax.data import configured
 from shufflenet_jax.data import pipeline as input_pipeline
-from shufflenet_jax.data.augment import make_augment, standardize
+from shufflenet_jax.data.augment import make_augment
+from shufflenet_jax.data.normalization import standardize
 from shufflenet_jax.interop import convert, export
 from shufflenet_jax.model import checkpoint
 from shufflenet_jax.model.config import model_kwargs

@@ -62,14 +62,13 @@ def test_jitter_factors_and_orders_have_torchvisions_distribution():
     assert np.all(np.abs(share - 1 / 6) < 5 * np.sqrt(1 / 6 * 5 / 6 / 6000)), share
 
 
-def test_without_jitter_the_device_computes_the_hosts_old_normalization():
-    from shufflenet_jax.data import pipeline as ip
+def test_without_jitter_the_device_computes_torchvisions_normalization():
+    from shufflenet_jax.data import normalization as n
 
     images = np.random.default_rng(2).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     got = np.asarray(jax.jit(augment.make_augment(0))(5, images))
-    want = np.stack(
-        [ip.standardize(x / np.float32(255), ip.IMAGENET_MEAN, ip.IMAGENET_STD) for x in images]
-    )
+    mean, std = np.float32(n.IMAGENET_MEAN), np.float32(n.IMAGENET_STD)
+    want = (images / np.float32(255) - mean) / std  # ToTensor, then Normalize
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -113,3 +112,18 @@ def test_the_train_step_augments_uint8_batches_at_its_step_and_passes_float_ones
     assert normalized == pytest.approx(loss(plain, float_batch), rel=1e-3)
     raw = loss(plain, {"image": images.astype(np.float32), "label": labels})
     assert abs(raw - normalized) > 0.1 * normalized, (raw, normalized)
+
+
+def test_one_normalization_gives_the_host_numpy_and_the_device_jax_the_same_values():
+    """The host's eval transform and the steps share `data.normalization`: uint8 in, float32
+    (x / 255 - mean) / std out, of the array kind that came in. Bound: float32 rounding of
+    the same three operations, which XLA may fuse into different instructions (1e-6)."""
+    from shufflenet_jax.data import normalization as n
+
+    images = np.random.default_rng(4).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+    host = n.standardize(images)
+    device = jax.jit(n.standardize)(jnp.asarray(images))
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    assert isinstance(device, jax.Array) and device.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(device), host, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(n.standardize(images), n.normalize(n.to_unit(images)))

@@ -11,6 +11,7 @@ from flax import nnx
 
 from configs import digits as digits_config
 from shufflenet_jax import evaluation
+from shufflenet_jax.data import normalization
 from shufflenet_jax.data import pipeline as input_pipeline
 from shufflenet_jax.interop.compare import randomize_batchnorm
 from shufflenet_jax.model import checkpoint
@@ -102,11 +103,7 @@ def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_
     transform = input_pipeline.EvalTransform(config.data.image_size, config.data.eval_resize)
     for batch in input_pipeline.eval_dataset(split, batch_size=64, transform=transform):
         with torch.no_grad():
-            images = input_pipeline.standardize(
-                input_pipeline.to_unit(batch["image"]),
-                input_pipeline.IMAGENET_MEAN,
-                input_pipeline.IMAGENET_STD,
-            )
+            images = normalization.standardize(batch["image"])
             logits = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
         expected[batch["index"][batch["mask"]]] = logits.argmax(-1)[batch["mask"]]
     labels = np.array([split.source[i]["label"] for i in range(len(split))])

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shufflenet_jax.data import jpeg, prepare
+from shufflenet_jax.data import jpeg, normalization, prepare
 from shufflenet_jax.data import pipeline as ip
 
 TRAIN = ip.TrainTransform(image_size=16, scale=(0.35, 1.0), flip=True)
 EVAL = ip.EvalTransform(image_size=16, resize_size=16)
-LOW = (0.0 - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
-HIGH = (1.0 - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
+LOW = (0.0 - np.array(normalization.IMAGENET_MEAN)) / np.array(normalization.IMAGENET_STD)
+HIGH = (1.0 - np.array(normalization.IMAGENET_MEAN)) / np.array(normalization.IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_eval_transform_matches_torchvision_on_a_jpeg(tmp_path, size, resize, cr
             transforms.Resize(resize),
             transforms.CenterCrop(crop),
             transforms.ToTensor(),
-            transforms.Normalize(ip.IMAGENET_MEAN, ip.IMAGENET_STD),
+            transforms.Normalize(normalization.IMAGENET_MEAN, normalization.IMAGENET_STD),
         ]
     )(Image.open(path).convert("RGB"))
     theirs = reference.permute(1, 2, 0).numpy()
@@ -232,10 +232,9 @@ def test_train_and_eval_batches_have_documented_shapes_dtypes_and_ranges(train_s
 def test_eval_crops_normalized_on_the_device_equal_the_host_eval_transform(test_split):
     """The eval stream sends uint8 crops; the eval step's normalization of them must give what
     `EvalTransform` (torchvision's, tested above) gives on the host. Bound: 1e-6, as there."""
-    from shufflenet_jax.data import augment
 
     batch = next(iter(ip.eval_dataset(test_split, batch_size=8, transform=EVAL)))
-    device = np.asarray(jax.jit(augment.standardize)(batch["image"]))
+    device = np.asarray(jax.jit(normalization.standardize)(batch["image"]))
     host = np.stack(
         [EVAL(ip.decode_image(test_split.source[int(i)]["image"], "x")) for i in batch["index"]]
     )

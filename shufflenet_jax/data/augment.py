@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from shufflenet_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize, to_unit
+
 Array = jax.Array
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
@@ -50,23 +50,6 @@ def color_jitter(x: Array, order: Array, factors: Array) -> Array:
         x = jax.lax.switch(op, (brightness, contrast, saturation), x, factors[op])
         x = jnp.clip(x, 0.0, 1.0)
     return x
-
-
-def to_unit(images: Array) -> Array:
-    """uint8 -> float32 in [0, 1], as torchvision's ToTensor."""
-    return images.astype(jnp.float32) / jnp.float32(255)
-
-
-def normalize(unit: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
-    """(x - mean) / std per channel of float32 images in [0, 1], as torchvision's Normalize."""
-    return (unit - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-def standardize(
-    images: Array, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> Array:
-    """uint8 images -> normalized float32: evaluation's preprocessing after the center crop."""
-    return normalize(to_unit(images), mean, std)
 
 
 def make_augment(

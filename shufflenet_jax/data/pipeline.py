@@ -29,7 +29,7 @@ from PIL import Image
 
 from shufflenet_jax.data import datasets as _registers_builders  # noqa: F401  (digits, image_folder)
 from shufflenet_jax.data import jpeg, resample
-from shufflenet_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from shufflenet_jax.data.normalization import standardize
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,6 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     """The image as RGB, fully decoded; `CorruptImageError` naming `name` if that fails."""
     with _decoding(data, name), Image.open(io.BytesIO(data)) as im:
         return im.convert("RGB")
-
-
-def to_unit(image: Image.Image | np.ndarray) -> np.ndarray:
-    """uint8 HWC -> float32 in [0, 1], as torchvision's ToTensor computes it."""
-    return np.asarray(image, np.float32) / np.float32(255)
-
-
-def standardize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(x - mean) / std per channel in float32, as torchvision's Normalize."""
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
@@ -234,7 +224,7 @@ class TrainTransform:
 class EvalTransform:
     """torchvision's ImageNet evaluation: Resize(resize_size), CenterCrop(image_size), normalize
     (ImageNet's mean and std). The eval stream sends `crop`'s uint8 and the eval step
-    normalizes on the device, with the same constants (`augment.standardize`)."""
+    normalizes on the device, with the same constants (`normalization.standardize`)."""
 
     image_size: int = 224
     resize_size: int = 256
@@ -245,7 +235,7 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """The normalized float32 HWC image, as torchvision's transforms give it."""
-        return standardize(to_unit(self.crop(image)), IMAGENET_MEAN, IMAGENET_STD)
+        return standardize(self.crop(image))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,7 +406,7 @@ def eval_dataset(
     read_buffer_batches: int = 4,
 ) -> grain.IterDataset:
     """Per-process batches {"image": (B, S, S, 3) uint8, "label", "mask", "index"}, every
-    example exactly once; the eval step normalizes the images (`augment.standardize`).
+    example exactly once; the eval step normalizes the images (`normalization.standardize`).
 
     Every process yields `eval_num_batches(len(split), batch_size * process_count)` batches of
     `batch_size`; slots past the process's share have `mask == False` and `index == -1`. A

@@ -15,7 +15,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from shufflenet_jax.data.augment import make_augment, standardize
+from shufflenet_jax.data.augment import make_augment
+from shufflenet_jax.data.normalization import standardize
 from shufflenet_jax.model.network import ShuffleNetV2
 from shufflenet_jax.ops import accumulation_dtype
 from shufflenet_jax.train.parallel import data_sharding, replicated, to_global
@@ -196,7 +197,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None, backend: st
     """`sums, predictions = eval_step(params, batch_stats, batch)`: masked counts of correct
     top-1 and top-5, summed cross-entropy and the number of real examples; and each row's top-1
     class with the batch's `index` and `mask`. uint8 images are normalized first (the eval
-    stream's crops: `data.augment.standardize`). Jitted with `eval_compiler_options(backend)`,
+    stream's crops: `data.normalization.standardize`). Jitted with `eval_compiler_options(backend)`,
     its outputs replicated over `mesh` when given."""
 
     def eval_step(params, batch_stats, batch):
