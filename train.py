@@ -45,6 +45,10 @@ flags.DEFINE_string("save", None, "With --compile_for: write the compiled steps 
 flags.mark_flags_as_required(["config"])
 
 
+def _progress(line: str) -> None:
+    print(line, flush=True)
+
+
 def compile_only() -> None:
     """--compile_for: compile for a described accelerator; nothing is read or written but the
     report and the saved executables."""
@@ -55,7 +59,7 @@ def compile_only() -> None:
 
     with one_line_errors(ValueError):
         target = targets.get(FLAGS.compile_for)
-        out, executables = aot.compile_for(FLAGS.config, target, FLAGS.max_batch)
+        out, executables = aot.compile_for(FLAGS.config, target, FLAGS.max_batch, _progress)
     print(aot.describe(out, target))
     if FLAGS.save:
         aot.write_executables(FLAGS.save, executables, target.devices)

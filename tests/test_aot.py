@@ -229,6 +229,17 @@ def test_max_batch_does_not_compile_the_configs_own_batch_again(monkeypatch):
     assert found.largest > 256
 
 
+def test_max_batch_tells_of_each_compile_as_it_ends(monkeypatch):
+    """A TPU search is hours of compiles: each one is reported when it ends, with its batch,
+    its memory and whether it fits."""
+    lines = []
+    monkeypatch.setattr(aot, "total_bytes", lambda j, a, b, t: 2**30 + b * 3 * 2**20)
+    found = aot.max_batch(None, None, 256, targets.get("h100"), progress=lines.append)
+    assert len(lines) == found.compiles
+    assert f"{found.largest} per device" in "".join(lines)
+    assert sum("does not fit" in line for line in lines) >= 1
+
+
 def test_a_gpu_step_fits_in_what_jax_preallocates_not_the_whole_device(monkeypatch):
     """A real H100 run gets 75% of the memory (JAX's allocator); a step between that and the
     device's size compiles deviceless but would not run there. TPUs get all of it."""

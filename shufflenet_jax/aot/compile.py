@@ -12,6 +12,7 @@ import dataclasses
 import math
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +165,9 @@ def _next_probe(
     seen: dict[int, float], usable: float, lo: int, hi: int | None, bisect: bool
 ) -> int:
     """Where a line through the two measured batches nearest the limit reaches `usable`
-    (memory grows about linearly with the batch); the bracket's middle when the line misses it
-    or `bisect` (the last two probes fell on one side: the line is not closing in)."""
+    (memory grows about linearly with the batch); from one batch, where memory proportional to
+    the batch would (an underestimate when part of it does not grow); the bracket's middle when
+    the line misses it or `bisect` (the last two probes fell on one side: it is not closing in)."""
     step = max(1, lo // 32)
     finite = [(b, m) for b, m in seen.items() if math.isfinite(m)]
     near = sorted(finite, key=lambda bm: abs(bm[1] - usable))[:2]
@@ -175,6 +177,8 @@ def _next_probe(
         slope = (m2 - m1) / (b2 - b1)
         if slope > 0:
             guess = b1 + (usable - m1) / slope
+    elif hi is None and lo and seen[lo] > 0:
+        guess = lo * usable / seen[lo]
     if hi is None:
         guess = 2 * max(lo, 1) if guess is None else min(guess, 64 * max(lo, 1))
     elif bisect or guess is None or not lo < guess < hi:
@@ -190,19 +194,28 @@ def max_batch(
     target: Target,
     start_bytes: float | None = None,
     max_compiles: int = 10,
+    progress: Callable[[str], None] | None = None,
 ) -> BatchSearch:
     """The largest per-device batch whose step fits, to within 1/32 of it: probes `start` and
     then where the measured memory extrapolates to the usable bytes, until the smallest batch
     seen not to fit is within 1/32 above the largest seen to fit. `start_bytes`, when already
-    known from a compile at `start`, saves that compile."""
+    known from a compile at `start`, saves that compile; `progress` hears of each compile."""
     usable = usable_bytes(target)
     seen = {} if start_bytes is None else {start: start_bytes}
     compiles, sides = 0, []
     probe = start
     while True:
         if probe not in seen:
+            began = time.perf_counter()
             seen[probe] = total_bytes(jitted, args_at, probe, target)
             compiles += 1
+            if progress:
+                fits = "fits" if seen[probe] <= usable else "does not fit"
+                progress(
+                    f"  search compile {compiles}: {probe} per device, "
+                    f"{seen[probe] / 2**30:.2f} GiB, {fits} "
+                    f"({time.perf_counter() - began:.0f} s)"
+                )
         sides.append(seen[probe] <= usable)
         lo = max((b for b, m in seen.items() if m <= usable), default=0)
         over = [b for b, m in seen.items() if m > usable]
@@ -213,9 +226,15 @@ def max_batch(
         probe = _next_probe(seen, usable, lo, hi, sides[-2:] in ([True] * 2, [False] * 2))
 
 
-def compile_for(config: Any, target: Target, search: bool = False) -> tuple[dict, dict]:
+def compile_for(
+    config: Any,
+    target: Target,
+    search: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict, dict]:
     """(the JSON report of `train.py --compile_for`, the compiled steps): both steps at the
-    config's batch sizes and, with `search`, the largest per-device batches that fit."""
+    config's batch sizes and, with `search`, the largest per-device batches that fit.
+    `progress` hears of each compile as it ends (a search can take hours on a TPU target)."""
     steps = steps_for(config, target)
     t = config.train
     out: dict[str, Any] = {"target": target.name, "devices": target.devices}
@@ -226,13 +245,20 @@ def compile_for(config: Any, target: Target, search: bool = False) -> tuple[dict
         ("eval", steps.eval, steps.eval_args, t.eval_batch_size),
     ):
         lowered, compiled, seconds = compile_step(jitted, args_at(batch))
+        if progress:
+            progress(f"{name} step, global batch {batch}: compiled in {seconds:.0f} s")
         out[name] = report(lowered, compiled, seconds, target, batch)
         out[name]["global_batch"] = batch
         out[name]["max_per_device_batch"] = None
         executables[name] = compiled
         if search:
             found = max_batch(
-                jitted, args_at, batch // target.devices, target, out[name]["memory"]["total_bytes"]
+                jitted,
+                args_at,
+                batch // target.devices,
+                target,
+                out[name]["memory"]["total_bytes"],
+                progress=progress,
             )
             out[name]["max_per_device_batch"] = found.largest
             out[name]["first_per_device_batch_over"] = found.first_over
