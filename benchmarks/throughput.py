@@ -53,7 +53,8 @@ from shufflenet_jax.train.step import (
 LR, MOMENTUM = 0.1, 0.9
 
 
-def _median_seconds(fn: Callable[[], None], iters: int) -> float:
+def seconds_per_call(fn: Callable[[], None], iters: int) -> float:
+    """Mean seconds per call over `iters` calls (one round; callers take the median of rounds)."""
     start = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -272,7 +273,7 @@ def deployment(args: argparse.Namespace) -> list[dict]:
                 times: dict[str, list[float]] = {name: [] for name in cases}
                 for _ in range(args.repeats):
                     for name, case in cases.items():
-                        times[name].append(_median_seconds(case.infer, iters))
+                        times[name].append(seconds_per_call(case.infer, iters))
                 for name in cases:
                     row[f"{name}_img_s"] = batch / statistics.median(times[name])
                 for name in cases:
@@ -313,7 +314,7 @@ def run(args: argparse.Namespace) -> dict:
                 times: dict[str, list[float]] = {name: [] for name in cases}
                 for _ in range(args.repeats):
                     for name, case in cases.items():
-                        times[name].append(_median_seconds(getattr(case, mode), iters))
+                        times[name].append(seconds_per_call(getattr(case, mode), iters))
                 for name in cases:
                     row[f"{name}_{mode}_img_s"] = batch / statistics.median(times[name])
                     row[f"{name}_{mode}_warmup_s"] = warm[name]
@@ -329,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
                     jc = cases["jax"]
                     jc.dispatch_only()
                     host = statistics.median(
-                        _median_seconds(jc.dispatch_only, iters) for _ in range(args.repeats)
+                        seconds_per_call(jc.dispatch_only, iters) for _ in range(args.repeats)
                     )
                     row["jax_train_host_overhead_fraction"] = host / (
                         batch / row["jax_train_img_s"]

@@ -22,7 +22,7 @@ import json
 import statistics
 
 import numpy as np
-from throughput import JaxCase, _median_seconds, add_isa_option, apply_isa
+from throughput import JaxCase, add_isa_option, apply_isa, seconds_per_call
 
 from lab import variants
 from shufflenet_jax.process import setup_process
@@ -82,7 +82,7 @@ def main() -> None:
     times: dict[str, list[float]] = {n: [] for n in cases}
     for _ in range(args.repeats):
         for n, c in cases.items():
-            times[n].append(_median_seconds(getattr(c, args.mode), iters))
+            times[n].append(seconds_per_call(getattr(c, args.mode), iters))
     rates = {n: args.batch / statistics.median(t) for n, t in times.items()}
     base = next(iter(rates.values()))
     print(f"ShuffleNet V2 {args.width}x, {args.mode}, batch {args.batch}, {args.size}x{args.size}")
