@@ -222,6 +222,38 @@ def test_max_batch_brackets_the_limit_within_a_32nd_in_few_compiles(monkeypatch,
     assert found.compiles == len(tried) == len(set(tried)) <= 10, tried
 
 
+def _timed_search(monkeypatch, bytes_at, start, fit_s, refused_s):
+    """aot.max_batch on a fake clock: a compile that fits (or not) takes `fit_s`, one the
+    compiler refuses for memory `refused_s`. Returns the result and the clock's total."""
+    clock = [0.0]
+
+    def total_bytes(jitted, args_at, per_device, target):
+        clock[0] += refused_s if math.isinf(bytes_at(per_device)) else fit_s
+        return bytes_at(per_device)
+
+    monkeypatch.setattr(aot, "total_bytes", total_bytes)
+    monkeypatch.setattr(aot.time, "perf_counter", lambda: clock[0])
+    v5e = targets.get("v5e:2x2")
+    found = aot.max_batch(None, None, start, v5e, bytes_at(start), start_seconds=fit_s)
+    return found, clock[0]
+
+
+def test_max_batch_closes_in_from_above_when_the_compiler_refuses_quickly(monkeypatch):
+    """The TPU compiler refuses an oversized step in seconds but takes ten minutes or more on
+    one that fits (rematerializing to fit, so memory flattens below the limit): the search
+    spends refusals, not fits, and still brackets the limit within a 32nd."""
+    usable = targets.usable_bytes(targets.get("v5e:2x2"))
+    per_image = 0.15 * usable / 256
+    remat = lambda b: math.inf if b >= 1290 else min(b * per_image, 0.94 * usable)  # noqa: E731
+    slow, slow_s = _timed_search(monkeypatch, remat, 256, fit_s=600, refused_s=600)
+    quick, quick_s = _timed_search(monkeypatch, remat, 256, fit_s=600, refused_s=30)
+    for found in (slow, quick):
+        assert remat(found.largest) <= usable < remat(found.first_over)
+        assert found.first_over - found.largest <= found.largest // 32
+    assert quick.compiles - quick.refused < slow.compiles - slow.refused
+    assert quick_s < slow_s
+
+
 def test_max_batch_does_not_compile_the_configs_own_batch_again(monkeypatch):
     linear = lambda b: 2**30 + b * 3 * 2**20  # noqa: E731
     found, tried = _search_with(monkeypatch, linear, 256, start_bytes=linear(256))

@@ -154,21 +154,34 @@ def total_bytes(jitted: Any, args_at: Any, per_device: int, target: Target) -> f
 @dataclasses.dataclass(frozen=True)
 class BatchSearch:
     """The largest per-device batch found to fit, the smallest found not to (None if none was
-    tried), and the compiles the search took."""
+    tried), the compiles the search took and how many of them the compiler refused (out of
+    memory before it finished)."""
 
     largest: int
     first_over: int | None
     compiles: int
+    refused: int = 0
 
 
 def _next_probe(
-    seen: dict[int, float], usable: float, lo: int, hi: int | None, bisect: bool
+    seen: dict[int, float],
+    usable: float,
+    lo: int,
+    hi: int | None,
+    bisect: bool,
+    refusals_cheap: bool = False,
 ) -> int:
     """Where a line through the two measured batches nearest the limit reaches `usable`
     (memory grows about linearly with the batch); from one batch, where memory proportional to
     the batch would (an underestimate when part of it does not grow); the bracket's middle when
-    the line misses it or `bisect` (the last two probes fell on one side: it is not closing in)."""
+    the line misses it or `bisect` (the last two probes fell on one side: it is not closing in).
+    When the compiler refuses an oversized step much faster than it compiles one that fits (the
+    TPU compiler does), close in from above instead: a quarter of the bracket below the
+    smallest refused batch, or where a fit would end the search, whichever is lower."""
     step = max(1, lo // 32)
+    if refusals_cheap and hi is not None and math.isinf(seen[hi]):
+        below = min(math.floor(hi - (hi - lo) / 4), math.ceil(hi * 32 / 33))
+        return int(min(max(below, lo + step), hi - 1))
     finite = [(b, m) for b, m in seen.items() if math.isfinite(m)]
     near = sorted(finite, key=lambda bm: abs(bm[1] - usable))[:2]
     guess = None
@@ -187,6 +200,13 @@ def _next_probe(
     return int(min(max(math.floor(guess), lo + step), top))
 
 
+def _refusals_cheap(seconds: dict[int, float], seen: dict[int, float]) -> bool:
+    """Whether every refused compile took under a quarter of the quickest finished one."""
+    refused = [s for b, s in seconds.items() if math.isinf(seen[b])]
+    finished = [s for b, s in seconds.items() if math.isfinite(seen[b])]
+    return bool(refused and finished) and max(refused) < min(finished) / 4
+
+
 def max_batch(
     jitted: Any,
     args_at: Any,
@@ -195,35 +215,43 @@ def max_batch(
     start_bytes: float | None = None,
     max_compiles: int = 10,
     progress: Callable[[str], None] | None = None,
+    start_seconds: float | None = None,
 ) -> BatchSearch:
     """The largest per-device batch whose step fits, to within 1/32 of it: probes `start` and
     then where the measured memory extrapolates to the usable bytes, until the smallest batch
-    seen not to fit is within 1/32 above the largest seen to fit. `start_bytes`, when already
-    known from a compile at `start`, saves that compile; `progress` hears of each compile."""
+    seen not to fit is within 1/32 above the largest seen to fit. At most `max_compiles`
+    finished compiles, and as many again that the compiler refused. `start_bytes` (and
+    `start_seconds`), when already known from a compile at `start`, save that compile;
+    `progress` hears of each compile."""
     usable = usable_bytes(target)
     seen = {} if start_bytes is None else {start: start_bytes}
+    seconds = {} if start_seconds is None or start_bytes is None else {start: start_seconds}
     compiles, sides = 0, []
     probe = start
     while True:
         if probe not in seen:
             began = time.perf_counter()
             seen[probe] = total_bytes(jitted, args_at, probe, target)
+            seconds[probe] = time.perf_counter() - began
             compiles += 1
             if progress:
                 fits = "fits" if seen[probe] <= usable else "does not fit"
                 progress(
                     f"  search compile {compiles}: {probe} per device, "
-                    f"{seen[probe] / 2**30:.2f} GiB, {fits} "
-                    f"({time.perf_counter() - began:.0f} s)"
+                    f"{seen[probe] / 2**30:.2f} GiB, {fits} ({seconds[probe]:.0f} s)"
                 )
         sides.append(seen[probe] <= usable)
         lo = max((b for b, m in seen.items() if m <= usable), default=0)
         over = [b for b, m in seen.items() if m > usable]
         hi = min(over) if over else None
+        refused = sum(math.isinf(m) for m in seen.values())
         done = hi is not None and hi - lo <= max(1, lo // 32)
-        if done or compiles >= max_compiles or (hi is None and lo >= 1 << 16):
-            return BatchSearch(lo, hi, compiles)
-        probe = _next_probe(seen, usable, lo, hi, sides[-2:] in ([True] * 2, [False] * 2))
+        if done or compiles - refused >= max_compiles or refused >= max_compiles:
+            return BatchSearch(lo, hi, compiles, refused)
+        if hi is None and lo >= 1 << 16:
+            return BatchSearch(lo, hi, compiles, refused)
+        cheap = _refusals_cheap(seconds, seen)
+        probe = _next_probe(seen, usable, lo, hi, sides[-2:] in ([True] * 2, [False] * 2), cheap)
 
 
 def compile_for(
@@ -259,10 +287,12 @@ def compile_for(
                 target,
                 out[name]["memory"]["total_bytes"],
                 progress=progress,
+                start_seconds=seconds,
             )
             out[name]["max_per_device_batch"] = found.largest
             out[name]["first_per_device_batch_over"] = found.first_over
             out[name]["max_batch_compiles"] = found.compiles
+            out[name]["max_batch_refused"] = found.refused
     return out, executables
 
 
@@ -315,6 +345,7 @@ def describe(out: dict[str, Any], target: Target) -> str:
             lines.append(
                 f"  largest per-device batch that fits: {r['max_per_device_batch']} "
                 + (f"({over} does not" if over else "(searched no further")
-                + f"; {r['max_batch_compiles']} compiles)"
+                + f"; {r['max_batch_compiles']} compiles, "
+                + f"{r['max_batch_refused']} refused for memory)"
             )
     return "\n".join(lines)
