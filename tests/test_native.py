@@ -171,6 +171,7 @@ def test_build_without_a_compiler_names_the_compiler(monkeypatch, tmp_path):
         build.build_library(build.CSRC / "kernels.cc")
 
 
+@pytest.mark.os_level
 def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
     monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path))
     first = build.build_library(build.CSRC / "kernels.cc")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 # Runs a jitted function whose 132 MB temporary buffer XLA:CPU allocates per call, and reports
 # the page faults of each later call against the buffer's size in pages.
@@ -33,6 +34,7 @@ def _probe(setting: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.os_level
 def test_reused_host_memory_stops_per_call_page_faults():
     reuse, default = _probe("reuse"), _probe("default")
     assert reuse["applied"] is True  # the test machines run glibc
