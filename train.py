@@ -53,9 +53,10 @@ def compile_only() -> None:
     """--compile_for: compile for a described accelerator; nothing is read or written but the
     report and the saved executables."""
     jax.config.update("jax_platforms", "cpu")  # a plugin without its device must not start
-    jax.config.update("jax_enable_compilation_cache", False)  # deviceless: cannot be read back
     from shufflenet_jax.aot import compile as aot
     from shufflenet_jax.aot import targets
+
+    aot.without_persistent_cache()
 
     with one_line_errors(ValueError):
         target = targets.get(FLAGS.compile_for)

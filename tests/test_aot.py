@@ -8,6 +8,7 @@ The compiling tests are marked `aot`: they need JAX's CUDA plugin and libtpu
 
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -292,6 +293,38 @@ def test_a_gpu_step_fits_in_what_jax_preallocates_not_the_whole_device(monkeypat
     assert aot.memory(Compiled(int(0.8 * v5e.hbm_bytes)), v5e)["fits"]
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     assert aot.memory(Compiled(int(0.8 * h100.hbm_bytes)), h100)["fits"]
+
+
+DEVICELESS_COMPILE = """
+import sys, jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+from shufflenet_jax.aot import compile as aot, targets
+if sys.argv[1] == "off":
+    aot.without_persistent_cache()
+mesh = targets.make_mesh(targets.get("h100"))
+x = jax.ShapeDtypeStruct((256,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+jax.jit(lambda x: jnp.sin(x) * 2).lower(x).compile()
+"""
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_deviceless_compiles_stay_out_of_the_persistent_cache(tmp_path, cache):
+    """An executable for a device this machine lacks cannot be read back from JAX's persistent
+    cache: train.py --compile_for and the device check's deviceless stage must not write one
+    ("on", JAX's default, shows that it would)."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    run = [sys.executable, "-c", DEVICELESS_COMPILE, cache]
+    out = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    written = list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else []
+    assert bool(written) == (cache == "on"), written
 
 
 def test_saved_steps_load_and_compute_what_the_compiled_ones_do(tmp_path):

@@ -74,6 +74,13 @@ def steps_for(config: Any, target: Target) -> Steps:
     return steps_on(config, make_mesh(target), platform(target))
 
 
+def without_persistent_cache() -> None:
+    """Keep deviceless compiles out of JAX's persistent compilation cache: an executable for a
+    device this machine lacks cannot be read back from it (reading needs the device's client).
+    Call it before the process's first compile: JAX decides at that one whether to use it."""
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
 def compile_step(jitted: Any, args: tuple) -> tuple[Any, Any, float]:
     """(lowered, compiled, compile seconds)."""
     lowered = jitted.lower(*args)
