@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
 from shufflenet_jax.aot import hlo
@@ -77,8 +78,9 @@ def steps_for(config: Any, target: Target) -> Steps:
 def without_persistent_cache() -> None:
     """Keep deviceless compiles out of JAX's persistent compilation cache: an executable for a
     device this machine lacks cannot be read back from it (reading needs the device's client).
-    Call it before the process's first compile: JAX decides at that one whether to use it."""
+    JAX decides whether to use the cache at a process's first compile: reset that decision."""
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
 
 
 def compile_step(jitted: Any, args: tuple) -> tuple[Any, Any, float]:
