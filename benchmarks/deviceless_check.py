@@ -86,10 +86,10 @@ def main() -> None:
         "config": {"width": args.width, "batch": args.batch, "size": args.size},
         "dtype": args.dtype,
         "device": compiled_summary(here.train, here.train_args(args.batch), target, args.batch),
+        "deviceless": compiled_summary(
+            there.train, there.train_args(args.batch), target, args.batch
+        ),
     }
-    out["deviceless"] = compiled_summary(
-        there.train, there.train_args(args.batch), target, args.batch
-    )
     out["agreement"] = compare(out["device"], out["deviceless"])
     for side in ("device", "deviceless"):
         r = out[side]

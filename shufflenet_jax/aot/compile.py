@@ -255,9 +255,8 @@ def max_batch(
         hi = min(over) if over else None
         refused = sum(math.isinf(m) for m in seen.values())
         done = hi is not None and hi - lo <= max(1, lo // 32)
-        if done or compiles - refused >= max_compiles or refused >= max_compiles:
-            return BatchSearch(lo, hi, compiles, refused)
-        if hi is None and lo >= 1 << 16:
+        spent = max(compiles - refused, refused) >= max_compiles
+        if done or spent or (hi is None and lo >= 1 << 16):
             return BatchSearch(lo, hi, compiles, refused)
         cheap = _refusals_cheap(seconds, seen)
         probe = _next_probe(seen, usable, lo, hi, sides[-2:] in ([True] * 2, [False] * 2), cheap)
