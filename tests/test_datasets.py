@@ -13,6 +13,9 @@ from PIL import Image
 from shufflenet_jax.data import datasets, prepare
 from shufflenet_jax.data.pipeline import decode_image, load_split
 
+# TFDS preparation and its command: files, PIL and tfds (the same in both CI legs), no JAX
+pytestmark = pytest.mark.os_level
+
 
 def jpeg_bytes(seed: int, size=(12, 10)) -> bytes:
     rng = np.random.default_rng(seed)

@@ -228,6 +228,7 @@ def test_a_failed_background_save_stops_training_at_once_and_keeps_the_last_good
     assert int(checkpoints.latest_weights(config, tmp_path)["step"]) == 2
 
 
+@pytest.mark.os_level
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -254,6 +255,7 @@ def test_bad_settings_are_one_line_errors_and_leave_no_workdir(args, message, tm
     assert not workdir_.exists()  # a failed start removes the workdir it created
 
 
+@pytest.mark.os_level
 @pytest.mark.parametrize("where", ["under_a_file", "under_proc"])
 def test_an_unwritable_workdir_is_a_one_line_error_before_compiling(where, tmp_path):
     if where == "under_a_file":
@@ -339,12 +341,13 @@ def test_the_loss_check_runs_whenever_a_hook_it_guards_is_due():
 
 
 _ONE_HOST_FAILS = """
-import json, sys
+import faulthandler, json, sys
 from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 from shufflenet_jax.process import setup_process
 port, pid, directory = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+faulthandler.dump_traceback_later(200)  # where a process is, should the other wait for it
 setup_process(f"localhost:{port}", 2, pid)
 from configs import digits
 from shufflenet_jax.train import checkpoints, parallel
@@ -392,10 +395,9 @@ def test_processes_agree_to_set_aside_a_step_unusable_on_one_host_and_resume_tog
         )
         for i in range(2)
     ]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=RUN_LIMIT_S)
-        assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(out.splitlines()[-1]))
+    ended = [p.communicate(timeout=RUN_LIMIT_S) for p in procs]
+    tails = "\n".join(f"process {i}: {err[-3000:]}" for i, (_, err) in enumerate(ended))
+    assert [p.returncode for p in procs] == [0, 0], tails
+    results = [json.loads(out.splitlines()[-1]) for out, _ in ended]
     assert results == [{"step": 1, "steps": [1]}] * 2, results
     assert step_dirs(tmp_path / "ckpt" / "corrupt") == [2]
