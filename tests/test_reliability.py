@@ -347,7 +347,8 @@ import jax
 import orbax.checkpoint as ocp
 from shufflenet_jax.process import setup_process
 port, pid, directory = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-faulthandler.dump_traceback_later(200)  # where a process is, should the other wait for it
+stacks = open(directory.parent / f"stacks_{pid}.txt", "w")  # open until the process exits
+faulthandler.dump_traceback_later(200, file=stacks)  # where it is, should the other wait for it
 setup_process(f"localhost:{port}", 2, pid)
 from configs import digits
 from shufflenet_jax.train import checkpoints, parallel
@@ -396,7 +397,11 @@ def test_processes_agree_to_set_aside_a_step_unusable_on_one_host_and_resume_tog
         for i in range(2)
     ]
     ended = [p.communicate(timeout=RUN_LIMIT_S) for p in procs]
-    tails = "\n".join(f"process {i}: {err[-3000:]}" for i, (_, err) in enumerate(ended))
+    stacks = [(tmp_path / f"stacks_{i}.txt").read_text() for i in range(2)]
+    tails = "\n".join(
+        f"process {i}: {err[-3000:]}\nits stacks after 200 s: {stacks[i] or 'none'}"
+        for i, (_, err) in enumerate(ended)
+    )
     assert [p.returncode for p in procs] == [0, 0], tails
     results = [json.loads(out.splitlines()[-1]) for out, _ in ended]
     assert results == [{"step": 1, "steps": [1]}] * 2, results
