@@ -69,6 +69,7 @@ def _perturbed(values, scale, seed):
     )
 
 
+@pytest.mark.deep_numerics
 def test_eval_mode_network_bf16_gradients_match_float64():
     """Frozen BatchNorm (fine-tuning): bfloat16 compute moves each parameter gradient of the
     initialised 0.5x network no further from float64 than rounding its inputs would.

@@ -40,6 +40,7 @@ def test_native_kernels_build_on_this_machine():
     assert kernels.load() and kernels.loaded()
 
 
+@pytest.mark.deep_numerics
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize(
     "nhwc", [(1, 1, 1, 1), (3, 5, 8, 7), (2, 6, 9, 12), (2, 8, 7, 19), (9, 14, 14, 116)]
@@ -68,6 +69,7 @@ def test_depthwise_native_gradient_uses_the_cpu_kernel():
 
 # 3x3 over 3 channels is the stem's own path (20 outputs padded, 8 and 40 ending in a half
 # vector on AVX-512 builds); the others take the general one
+@pytest.mark.deep_numerics
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize(
     "shape", [(3, 3, 3, 24), (3, 3, 3, 8), (3, 3, 3, 20), (3, 3, 3, 40), (5, 5, 2, 12)]
@@ -95,6 +97,7 @@ def test_conv_native_gradient_uses_the_cpu_kernel_instead_of_im2col():
 
 # 8, 24, 40 and 72 outputs end in a half vector on AVX-512 builds (after 0, 1, 2 and 4 whole
 # ones), 64 does not
+@pytest.mark.deep_numerics
 @pytest.mark.parametrize("shape", [(4, 33, 36, 3), (1, 1, 1, 3), (2, 8, 9, 5)])
 @pytest.mark.parametrize("outputs", [8, 24, 40, 64, 72])
 def test_native_stem_conv_matches_lax_conv(shape, outputs):
@@ -269,6 +272,7 @@ def _folded(width, folded_impl, seed=0):
 
 
 # batch 1: each image's rows split into bands; batches 2, 3: every image through the whole stage
+@pytest.mark.deep_numerics
 @pytest.mark.parametrize(
     "width, shape",
     [(0.5, (1, 64, 48, 3)), (1.0, (3, 40, 40, 3)), (1.5, (2, 35, 33, 3)), (2.0, (1, 33, 35, 3))],

@@ -116,6 +116,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
     assert max(losses(tmp_path)) == steps[0]
 
 
+@pytest.mark.deep_numerics
 def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
     port = free_port()
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
@@ -372,6 +373,7 @@ def test_one_and_eight_devices_give_the_same_step(digits_data_dir, tmp_path):
     )
 
 
+@pytest.mark.deep_numerics
 def test_one_and_eight_devices_agree_over_several_float64_steps(digits_data_dir):
     """Four float64 steps on 1 and on 8 devices agree to what rounding allows. Their reductions
     add in other orders, and this train-mode net amplifies such rounding step by step (some
