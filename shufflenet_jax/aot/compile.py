@@ -231,7 +231,8 @@ def max_batch(
     seen not to fit is within 1/32 above the largest seen to fit. At most `max_compiles`
     finished compiles, and as many again that the compiler refused. `start_bytes` (and
     `start_seconds`), when already known from a compile at `start`, save that compile;
-    `progress` hears of each compile."""
+    `progress` hears of each compile. It assumes memory grows with the batch; on the TPUs it
+    need not (docs/accelerator.md), and the result is then one such edge, not the last."""
     usable = usable_bytes(target)
     seen = {} if start_bytes is None else {start: start_bytes}
     seconds = {} if start_seconds is None or start_bytes is None else {start: start_seconds}
