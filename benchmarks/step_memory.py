@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import imagenet  # noqa: E402
 from shufflenet_jax.aot import compile as aot  # noqa: E402
 from shufflenet_jax.aot import targets  # noqa: E402
+from shufflenet_jax.process import one_line_errors  # noqa: E402
 
 
 def main() -> None:
@@ -33,10 +34,11 @@ def main() -> None:
     args = parser.parse_args()
     jax.config.update("jax_platforms", "cpu")  # a plugin without its device must not start
     aot.without_persistent_cache()
-    config = imagenet.get_config(args.width)
-    config.train.compute_dtype = args.dtype
-    target = targets.get(args.target)
-    steps = aot.steps_for(config, target)
+    with one_line_errors(ValueError):  # an unknown target, width or dtype; a missing plugin
+        config = imagenet.get_config(args.width)
+        config.train.compute_dtype = args.dtype
+        target = targets.get(args.target)
+        steps = aot.steps_for(config, target)
     jitted, args_at = (
         (steps.train, steps.train_args) if args.step == "train" else (steps.eval, steps.eval_args)
     )
