@@ -195,6 +195,20 @@ def calibration_images(config: Any, num_batches: int, batch: int) -> list[np.nda
     return [b["image"] for b, _ in zip(batches, range(num_batches), strict=False)]
 
 
+def held_out_images(config: Any, limit: int) -> tuple[np.ndarray, str]:
+    """Up to `limit` images of the config's evaluation split, preprocessed as for evaluation,
+    and a description naming them: what an int8 export's agreement is measured on."""
+    split = eval_split(config)
+    chunks, count = [], 0
+    for b in standardized_batches(config, split, config.train.eval_batch_size):
+        chunks.append(b["image"][b["mask"]])
+        count += len(chunks[-1])
+        if count >= limit:
+            break
+    images = np.concatenate(chunks)[:limit]
+    return images, f"images of {config.data.dataset}'s {config.data.eval_split} split"
+
+
 def evaluate_exported(path: str | os.PathLike, config: Any, split: input_pipeline.Split) -> dict:
     """Top-1, top-5, mean loss, count and images/s of an exported model file
     (`interop.export`) over `split`, as `evaluate_model` gives for a model."""
