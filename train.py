@@ -2,9 +2,11 @@
 
 Any config field can be overridden by section, e.g. `--config.train.total_steps=200
 --config.optim.base_learning_rate=0.05`. A workdir with checkpoints resumes from the newest good
-one. Multi-host: pass
-`--coordinator_address host:port --num_processes N --process_id I` (or set JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID) on every host.
+one. Multi-host: the same command on every host; under SLURM, Open MPI, Kubernetes (JAX's
+[k8s] extra) or on a Cloud TPU slice the processes find each other from the environment
+(`process.cluster_environment`); elsewhere pass `--coordinator_address host:port
+--num_processes N --process_id I` (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID), which also win over a cluster's environment.
 
 `--compile_for TARGET` (h100, h100x8, h200, h200x8, v5e:2x2, v6e:2x2) compiles this config's
 train and eval steps for that accelerator on this machine, without one, and reports memory,
@@ -25,6 +27,12 @@ from shufflenet_jax.train.loop import train_and_evaluate
 from shufflenet_jax.train.workdir import WorkdirError
 
 FLAGS = flags.FLAGS
+
+
+def _env_int(name: str) -> int | None:
+    return int(os.environ[name]) if os.environ.get(name) else None
+
+
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 flags.DEFINE_string(
@@ -33,11 +41,9 @@ flags.DEFINE_string(
     "host:port of process 0, for multi-host training.",
 )
 flags.DEFINE_integer(
-    "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")), "Number of processes."
+    "num_processes", _env_int("JAX_NUM_PROCESSES"), "Number of processes (with the address)."
 )
-flags.DEFINE_integer(
-    "process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "This process's index."
-)
+flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"), "This process's index.")
 flags.DEFINE_string("compile_for", None, "Compile for this accelerator instead of training.")
 flags.DEFINE_string("json", None, "With --compile_for: write the report here.")
 flags.DEFINE_bool("max_batch", False, "With --compile_for: find the largest batch that fits.")
@@ -75,8 +81,9 @@ def main(argv):
         return compile_only()
     if not FLAGS.workdir:
         raise SystemExit("error: --workdir is required (or --compile_for TARGET)")
-    for line in setup_process(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
-        print(line)
+    with one_line_errors(ValueError, RuntimeError):  # e.g. an address without a process count
+        lines = setup_process(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    print(*lines, sep="\n")
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     errors = (ValueError, FloatingPointError, OSError, CheckpointError, WorkdirError)

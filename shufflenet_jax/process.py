@@ -60,27 +60,56 @@ def cpu_is_default_backend() -> bool:
     return not plugins and importlib.util.find_spec("libtpu") is None
 
 
+CLUSTERS = {  # JAX's cluster detectors, by the name a log line gives them
+    "SlurmCluster": "SLURM",
+    "OmpiCluster": "Open MPI",
+    "K8sCluster": "Kubernetes",
+    "GceTpuCluster": "a Cloud TPU slice (GCE)",
+    "GkeTpuCluster": "a Cloud TPU slice (GKE)",
+}
+
+
+def cluster_environment() -> str | None:
+    """The cluster environment `jax.distributed.initialize()` would start every process from
+    (`CLUSTERS`: SLURM, Open MPI, Kubernetes with JAX's [k8s] extra, a Cloud TPU slice), or
+    None. JAX has no public API for its detection, so this asks its detectors directly."""
+    from jax._src import clusters
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            return CLUSTERS.get(env.__name__, env.__name__)
+    return None
+
+
 def setup_process(
-    coordinator_address: str | None = None, num_processes: int = 1, process_id: int = 0
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
 ) -> list[str]:
     """Process-wide settings, to call before any JAX computation; returns what it did, a line
     each, for the program's log.
 
     On the CPU backend: `reuse_freed_host_memory`, and the C++ kernels built or loaded
     (`kernels.load()`; tracing only asks whether they are), before `jax.distributed.initialize`
-    (with `coordinator_address`; CPU collectives over gloo), so that processes compiling at
-    different speeds meet at its barrier rather than time out at the first collective's 30
-    seconds; orbax's barriers on the coordination service too. Marks absl's flags parsed for
-    grain's worker processes when the program did not parse them, and keeps TensorStore's late
-    callbacks after a failed checkpoint read or write out of the output.
+    (CPU collectives over gloo), so that processes compiling at different speeds meet at its
+    barrier rather than time out at the first collective's 30 seconds; orbax's barriers on the
+    coordination service too. Multi-process when `coordinator_address` is given (the other two
+    then default to what a cluster environment says) or a `cluster_environment` is present;
+    one process otherwise. Marks absl's flags parsed for grain's worker processes when the
+    program did not parse them, and keeps TensorStore's late callbacks after a failed
+    checkpoint read or write out of the output.
     """
     lines = [_setup_malloc()]
     if cpu_is_default_backend():
         lines.append(_load_kernels())
-    if coordinator_address:
+    cluster = None if coordinator_address else cluster_environment()
+    if coordinator_address or cluster:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        lines.append(f"distributed: process {process_id} of {num_processes}")
+        source = f"from {cluster}'s environment" if cluster else f"via {coordinator_address}"
+        index = jax.process_index() if process_id is None else process_id
+        count = jax.process_count() if num_processes is None else num_processes
+        lines.append(f"distributed: process {index} of {count} ({source})")
         lines.append(_orbax_barriers_on_coordination_service())
     if not cpu_is_default_backend() and jax.default_backend() == "cpu":
         lines.append(_load_kernels())  # an accelerator plugin without its device: the CPU runs

@@ -1,12 +1,15 @@
 """shufflenet_jax.process: the program setup (malloc, flags, kernels) and its absence on import."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from shufflenet_jax import process
 
 # Runs a jitted function whose 132 MB temporary buffer XLA:CPU allocates per call, and reports
 # the page faults of each later call against the buffer's size in pages.
@@ -83,7 +86,8 @@ def test_process_setup_builds_the_kernels_before_the_processes_meet(monkeypatch)
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a: order.append("initialize"))
     lines = process.setup_process("localhost:1", 2, 0)
     assert order == ["kernels", "initialize"]
-    assert "C++ kernels: built" in lines and "distributed: process 0 of 2" in lines
+    assert "C++ kernels: built" in lines
+    assert "distributed: process 0 of 2 (via localhost:1)" in lines
 
 
 def test_train_py_says_what_the_process_setup_did(tmp_path):
@@ -156,3 +160,21 @@ def test_process_setup_builds_the_kernels_and_readies_the_flags_grain_workers_re
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "C++ kernels: " in out.stdout and "-march=" in out.stdout, out.stdout
+
+
+CLUSTER_VARIABLES = ("SLURM_", "OMPI_", "KUBERNETES_", "TPU_", "MEGASCALE_")
+
+
+def test_a_cluster_environment_is_found_from_slurm_variables_and_none_without(monkeypatch):
+    """What makes train.py and eval.py multi-process with no flags (JAX's own detectors; the
+    two-process run from SLURM's variables is in test_training.py)."""
+    for name in [n for n in os.environ if n.startswith(CLUSTER_VARIABLES)]:
+        monkeypatch.delenv(name)
+    assert process.cluster_environment() is None
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[001-004]", "SLURM_NTASKS": "4",
+             "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}  # fmt: skip
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert process.cluster_environment() == "SLURM"
+    monkeypatch.delenv("SLURM_PROCID")  # a SLURM shell, not a task of a step: no cluster
+    assert process.cluster_environment() is None

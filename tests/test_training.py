@@ -116,26 +116,36 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
     assert max(losses(tmp_path)) == steps[0]
 
 
-@pytest.mark.deep_numerics
-def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
-    port = free_port()
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+TWO_PROCESS_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+
+
+def train_two_processes(workdir, data_dir, args_of, env_of):
+    """train.py for one step in two local processes, each given `args_of(i)` and `env_of(i)`."""
     procs = [
         run_train(
-            tmp_path / "multi",
-            digits_data_dir,
+            workdir,
+            data_dir,
             "--config.train.total_steps=1",
             "--config.train.eval_at_end=false",
-            f"--coordinator_address=localhost:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            env=env,
+            *args_of(i),
+            env={**TWO_PROCESS_ENV, **env_of(i)},
         )
         for i in range(2)
     ]
-    for p in procs:
-        out, _ = p.communicate(timeout=RUN_LIMIT_S)
+    outs = [p.communicate(timeout=RUN_LIMIT_S)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out
+    return outs
+
+
+def flag_args(port):
+    return lambda i: [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                      f"--process_id={i}"]  # fmt: skip
+
+
+@pytest.mark.deep_numerics
+def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
+    train_two_processes(tmp_path / "multi", digits_data_dir, flag_args(free_port()), lambda i: {})
 
     # one process, 4 devices, fed the two processes' shares side by side
     config = small_config(
@@ -172,6 +182,41 @@ def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
     assert losses(tmp_path / "multi")[1] == pytest.approx(losses(tmp_path / "single")[1], rel=1e-5)
     assert_same_update(start.params, multi["params"], single.state.params)
     assert_same_update(start.batch_stats, multi["batch_stats"], single.state.batch_stats)
+
+
+def slurm_env(tasks):
+    """SLURM's variables for `tasks` tasks on this one node, with a job id whose coordinator
+    port (JAX's rule: the id modulo 4096, above 61,439) is free here."""
+    while True:
+        job = int.from_bytes(os.urandom(2), "little")
+        with socket.socket() as s:
+            try:
+                s.bind(("localhost", job % 4096 + 61440))
+                break
+            except OSError:
+                continue
+    common = {"SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost",
+              "SLURM_NTASKS": str(tasks), "SLURM_STEP_NUM_NODES": "1"}  # fmt: skip
+    return lambda i: {**common, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}
+
+
+@pytest.mark.deep_numerics
+def test_two_processes_start_from_a_slurm_environment_and_train_like_with_flags(
+    digits_data_dir, tmp_path
+):
+    """No flags: the two processes find each other from SLURM's variables (as under `srun`)
+    and take the same step as two started with explicit flags: the same loss, weights and
+    statistics (the same programs, data shares and gloo sums, so equal to float32 rounding)."""
+    slurm = train_two_processes(tmp_path / "slurm", digits_data_dir, lambda i: [], slurm_env(2))
+    assert "distributed: process 0 of 2 (from SLURM's environment)" in slurm[0]
+    assert "distributed: process 1 of 2 (from SLURM's environment)" in slurm[1]
+    train_two_processes(tmp_path / "flags", digits_data_dir, flag_args(free_port()), lambda i: {})
+    config = small_config(digits_data_dir)
+    a, b = (checkpoints.latest_weights(config, tmp_path / d) for d in ("slurm", "flags"))
+    assert int(a["step"]) == int(b["step"]) == 1
+    assert losses(tmp_path / "slurm")[1] == pytest.approx(losses(tmp_path / "flags")[1], rel=1e-6)
+    for name in ("params", "batch_stats"):
+        assert_trees_close(a[name], b[name], rtol=1e-6, atol=1e-7)
 
 
 # One process of two. Starting the backend is a meeting of the processes (their devices are
