@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from shufflenet_jax import evaluation
 from shufflenet_jax.data import pipeline as input_pipeline
-from shufflenet_jax.process import one_line_errors, parse_flags, setup_process
+from shufflenet_jax.process import one_line_errors, parse_flags, print_setup, setup_process
 from shufflenet_jax.train.checkpoints import CheckpointError
 
 FLAGS = flags.FLAGS
@@ -47,8 +47,7 @@ def _table(results: dict) -> str:
 
 def main(argv):
     del argv
-    for line in setup_process():
-        print(line)
+    print_setup(setup_process())
     if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     config = FLAGS.config

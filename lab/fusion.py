@@ -59,6 +59,7 @@ class FusionReport:
     argument_bytes: int
     output_bytes: int
     seconds: float | None  # measured on this machine's device ("local") only
+    spread: float | None  # the timed runs' interquartile range over their median
 
     def summary(self) -> dict[str, Any]:
         keep = ("transpose", "copy", "concatenate", "gather", "slice", "convolution", "dot")
@@ -72,19 +73,26 @@ class FusionReport:
             "mb_accessed": None if self.bytes_accessed is None else self.bytes_accessed / 2**20,
             "temp_mb": self.temp_bytes / 2**20,
             "ms": None if self.seconds is None else 1e3 * self.seconds,
+            "iqr_pct": None if self.spread is None else 100 * self.spread,
         }
 
 
-def _median_seconds(run: Callable[[], Any], repeats: int) -> float | None:
+def _median_seconds(run: Callable[[], Any], repeats: int) -> tuple[float | None, float | None]:
+    """The median of `repeats` timed runs after a warm-up, and their interquartile range
+    relative to it (how far apart two programs' times must be to tell them apart here)."""
     if not repeats:
-        return None
+        return None, None
     jax.block_until_ready(run())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    median = statistics.median(times)
+    if repeats < 2:
+        return median, None
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return median, (q3 - q1) / median
 
 
 def _on_device(args: Sequence[Any], platform: str) -> list[Any]:
@@ -133,12 +141,14 @@ def analyze(
             y = c(*args[:-1], y)
         return y
 
+    seconds, spread = _median_seconds(run_chain, repeats if platform == "local" else 0)
     return FusionReport(
         name=name,
         **counts,
         argument_bytes=int(compiled[0].memory_analysis().argument_size_in_bytes),
         output_bytes=int(compiled[-1].memory_analysis().output_size_in_bytes),
-        seconds=_median_seconds(run_chain, repeats if platform == "local" else 0),
+        seconds=seconds,
+        spread=spread,
     )
 
 
@@ -384,6 +394,7 @@ COLUMNS = {  # summary key -> table heading
     "mb_accessed": "MB acc",
     "temp_mb": "temp MB",
     "ms": "ms",
+    "iqr_pct": "IQR %",
 }
 
 
@@ -483,6 +494,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(format_table([]))
     rows = run(args)
+    if args.platform == "local" and args.repeats:
+        print(
+            f"ms: the median of {args.repeats} runs; IQR %: their interquartile range over it. "
+            "Times closer than the larger IQR are the same within this machine's noise."
+        )
     if args.json:
         keys = ("platform", "dtype", "target", "mode", "batch", "size")
         summary = {k: getattr(args, k) for k in keys} | {"jax": jax.__version__, "rows": rows}

@@ -119,6 +119,15 @@ def setup_process(
     return lines
 
 
+def print_setup(lines: list[str]) -> None:
+    """A program's report of `setup_process`: the distributed start always (which process this
+    is), the rest (malloc, the C++ kernels' file) only with absl's --verbosity=1 or more."""
+    verbose = flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
+    for line in lines:
+        if verbose or line.startswith("distributed"):
+            print(line, flush=True)
+
+
 def _load_kernels() -> str:
     from shufflenet_jax import kernels
 
@@ -210,9 +219,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     override (a field the config does not have, a value of the wrong type) as one line."""
     with one_line_errors(ValueError, TypeError):
         try:
-            return app.parse_flags_with_usage(argv)
+            rest = app.parse_flags_with_usage(argv)
+            _check_config_file()
+            return rest
         except (AttributeError, KeyError) as e:
             raise ValueError(
                 f"the config has no field {str(e).strip(chr(34))} (overrides are "
                 "--config.SECTION.FIELD=VALUE; sections: model, data, optim, train)"
             ) from e
+
+
+def _check_config_file() -> None:
+    """A --config path that names no file, as one line naming it (ml_collections reports it
+    only when the config is first read, as "Failed loading config file config_config")."""
+    if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
+        return
+    path = flags.FLAGS["config"].config_filename.split(":")[0]
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")

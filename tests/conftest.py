@@ -11,7 +11,16 @@ os.environ.setdefault(
 )
 
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Triton (which torch._dynamo imports on first use, e.g. inside torch.load) segfaults when
+# imported after TensorFlow 2.21 (`import tensorflow; import torch._dynamo` exits 139 here;
+# in the other order both work), and which of a worker's tests imports which first depends
+# on how the tests are shared out: import it first.
+if importlib.util.find_spec("torch") is not None:
+    import torch._dynamo  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session", autouse=True)

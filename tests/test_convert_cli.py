@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +82,16 @@ def test_convert_refuses_to_overwrite_and_reports_bad_weights(checkpoint_dir, tm
     assert "missing key 'stage2.0.branch1.2.weight'" in capsys.readouterr().err
 
 
+def test_a_file_that_is_not_torch_weights_is_one_line_naming_it(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--torch", str(notes), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "notes.txt is not a torch weights file" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_compare_with_weights_and_an_image_agrees(weights_file, tmp_path, capsys):
     pixels = np.random.default_rng(0).integers(0, 256, (260, 300, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=90)
@@ -132,3 +143,21 @@ def test_compare_runs_as_a_module_and_prints_json():
     assert all(
         d["max_abs_diff"] <= 1e-4 * max(1.0, d["max_abs_ref"]) for d in report["stages"].values()
     )
+
+
+@pytest.mark.parametrize("source", ["--torch_weights", "--checkpoint"])
+def test_eval_of_a_bad_model_source_is_one_line_naming_it(source, tmp_path):
+    """eval.py given a text file as torchvision weights, or a checkpoint that does not exist:
+    one line naming the path and the problem, exit status 1 (no traceback)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    path, message = {
+        "--torch_weights": (notes, "notes.txt is not a torch weights file"),
+        "--checkpoint": (tmp_path / "nope", "nope does not exist"),
+    }[source]
+    out = subprocess.run(
+        [sys.executable, "eval.py", "--config", "configs/digits.py", source, str(path)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]

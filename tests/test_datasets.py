@@ -135,6 +135,8 @@ def test_prepare_cli_prints_splits_and_counts(tmp_path):
         check=True,
     ).stdout
     assert "test: 359 examples" in out and "train: 1438 examples" in out
+    # a local dataset: no "Downloading and preparing dataset Unknown size" from TFDS
+    assert "from local files (no download)" in out and "Downloading" not in out
 
 
 def test_prepare_without_tensorflow_says_it_is_needed_for_imagenet(tmp_path):

@@ -152,20 +152,21 @@ def test_export_cli_refuses_a_checkpoint_of_other_classes_in_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def trained(digits_data_dir, tmp_path_factory):
     """The digits quickstart shortened to 300 steps: a model whose classes are separated as a
-    trained one's are, unlike random weights'. (config, model, its top-1 on the test split)"""
+    trained one's are, unlike random weights'. (config, model, its top-1 on the test split,
+    the run's workdir)"""
     from shufflenet_jax.train.loop import train_and_evaluate
 
     workdir = tmp_path_factory.mktemp("run")
     config = small_config(digits_data_dir, total_steps=300, batch_size=32, log_every=100)
     result = train_and_evaluate(config, workdir)
     model = evaluation.load_models(config, workdir=workdir)["model"]
-    return config, model, result.eval_metrics["top1"]
+    return config, model, result.eval_metrics["top1"], workdir
 
 
 @EXPORT
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_int8_exports_classify_digits_like_the_float_model(trained, tmp_path, fmt):
-    config, model, top1 = trained
+    config, model, top1, _ = trained
     calibration = evaluation.calibration_images(config, 4, 64)
     images, source = evaluation.held_out_images(config, 10_000)
     out = tmp_path / f"q{export.SUFFIXES[fmt]}"
@@ -206,7 +207,7 @@ def test_int8_onnx_products_cannot_saturate_without_vnni(trained, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    config, model, _ = trained
+    config, model, _, _ = trained
     out = tmp_path / "q.onnx"
     export.export(model, "onnx", out, image_size=SIZE, calibration=
                   evaluation.calibration_images(config, 2, 64))  # fmt: skip
@@ -240,20 +241,76 @@ def test_the_deployment_benchmark_times_every_runtime_at_a_tiny_size(tmp_path):
         assert row[f"{name}_img_s"] > 0 and f"ratio_readme_vs_{name}" in row or name == "readme"
 
 
-@EXPORT
-def test_export_cli_reports_an_int8_file_on_held_out_images(trained, digits_data_dir, tmp_path):
-    from shufflenet_jax.model.checkpoint import save_model
+def run_cli(*args, data_dir=None):
+    env = {**os.environ, **({"TFDS_DATA_DIR": data_dir} if data_dir else {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env)  # fmt: skip
 
-    save_model(tmp_path / "ckpt", trained[1])
-    out = subprocess.run(
-        [sys.executable, "-m", "shufflenet_jax.interop.export", "--checkpoint",
-         str(tmp_path / "ckpt"), "--format", "onnx", "--image_size", str(SIZE), "--int8",
-         "--calibration_config", "configs/digits.py", "--calibration_batches", "2",
-         "--check_images", "200", "--out", str(tmp_path / "q.onnx")],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TFDS_DATA_DIR":
-        digits_data_dir},
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = out.stdout.strip().splitlines()[-1]
+
+@EXPORT
+def test_the_readme_int8_export_of_a_run_directory_evaluates_like_the_trained_model(
+    trained, digits_data_dir, tmp_path
+):
+    """README's commands (fewer calibration and check images): the run directory (its best
+    model, at the 32x32 it was trained at, with no --image_size) exported to int8 LiteRT, its
+    report measured on held-out digits, then eval.py on the file: the trained model's top-1
+    within the int8 cost (the test above)."""
+    _, _, top1, workdir = trained
+    out = tmp_path / "digits_int8.tflite"
+    made = run_cli("-m", "shufflenet_jax.interop.export", "--checkpoint", str(workdir),
+                   "--format", "tflite", "--int8", "--calibration_config", "configs/digits.py",
+                   "--calibration_batches", "2", "--check_images", "200", "--out", str(out),
+                   data_dir=digits_data_dir)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    line = made.stdout.strip().splitlines()[-1]
     match = re.search(r"on 200 images of digits's test split, .* top-1 agreement ([\d.]+)%", line)
     assert match and float(match.group(1)) >= 85, line  # the bound of the test above
+    evaluated = run_cli("eval.py", "--config", "configs/digits.py", "--tflite", str(out),
+                        data_dir=digits_data_dir)  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    row = evaluated.stdout.strip().splitlines()[-1].split()
+    assert row[0] == "exported" and row[4] == "359" and abs(float(row[1]) - top1) <= 0.1, row
+
+
+def test_a_file_given_images_of_another_size_says_so_in_one_line(model, tmp_path):
+    out = tmp_path / "m.jaxexport"
+    export.export(model, "stablehlo", out, image_size=40, batch=None)
+    with pytest.raises(ValueError, match=r"m\.jaxexport takes 40x40 images, not 32x32"):
+        export.load(out)(export.check_input(SIZE, 1))
+
+
+@EXPORT
+def test_export_of_a_bad_source_is_one_line_naming_it(trained, tmp_path):
+    """A missing path, a run's training-state checkpoint (pointing at the run's models) and a
+    text file given as torchvision weights: one line, exit status 1, nothing written."""
+    workdir = trained[3]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not weights\n")
+    step = next(p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope")], "nope does not exist"),
+        (["--checkpoint", str(step)], f"that run's models are in {workdir / 'best'}"),
+        (["--torch_weights", str(notes)], "notes.txt is not a torch weights file"),
+    ]
+    for source, message in cases:
+        out = tmp_path / "m.onnx"
+        done = run_cli("-m", "shufflenet_jax.interop.export", *source, "--format", "onnx",
+                       "--out", str(out))  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and message in lines[0], done.stderr
+        assert not out.exists()
+
+
+@pytest.mark.os_level  # which directory holds the model: the first leg's (the 300-step run)
+def test_a_run_directory_is_read_as_its_best_model_at_its_image_size(trained):
+    from shufflenet_jax.model import checkpoint
+
+    config, _, _, workdir = trained
+    (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
+    for given in (workdir, workdir / "best"):
+        assert checkpoint.model_directory(given) == str(best)
+        assert checkpoint.read_model_config(given)["image_size"] == SIZE
+    models = evaluation.load_models(config, checkpoint_dir=workdir)  # eval.py --checkpoint RUN
+    want = export.reference(checkpoint.restore_model(best))(export.check_input(SIZE, 2))
+    got = export.reference(models["model"])(export.check_input(SIZE, 2))
+    np.testing.assert_array_equal(got, want)

@@ -1,6 +1,7 @@
 """The fusion lab (lab.fusion) and the guideline experiments' FLOP balance."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -145,3 +146,14 @@ def test_guideline_rows_hold_flops_equal(table):
         fn, args = row.build(1)
         flops = jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
         assert 2 * row.macs_per_image <= flops <= 2 * row.macs_per_image * 1.02, row.label
+
+
+def test_timings_come_with_their_spread(monkeypatch):
+    """The lab's times are a median and the runs' interquartile range over it, so that two
+    programs whose times differ within this machine's noise are not read as different."""
+    ticks = iter([0, 1, 1, 3, 3, 4, 4, 8, 8, 10])  # runs of 1, 2, 1, 4 and 2 seconds
+    monkeypatch.setattr(fusion.time, "perf_counter", lambda: next(ticks))
+    median, spread = fusion._median_seconds(lambda: None, 5)
+    q1, _, q3 = statistics.quantiles([1, 2, 1, 4, 2], n=4)
+    assert median == 2 and spread == pytest.approx((q3 - q1) / 2) and spread > 0
+    assert fusion._median_seconds(lambda: None, 0) == (None, None)

@@ -102,12 +102,31 @@ def test_train_py_says_what_the_process_setup_did(tmp_path):
             str(tmp_path / "w"),
             "--config.data.data_dir",
             str(tmp_path / "nothing"),
+            "--verbosity=1",
         ],
         capture_output=True,
         text=True,
         cwd=Path(__file__).parents[1],
     )
     assert out.stdout.startswith("host malloc: freed memory kept for reuse"), out.stdout
+    quiet = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/digits.py", "--workdir",
+         str(tmp_path / "w"), "--config.data.data_dir", str(tmp_path / "nothing")],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert "host malloc" not in quiet.stdout and "C++ kernels" not in quiet.stdout  # -v 1 only
+
+
+@pytest.mark.parametrize("program", ["train.py", "eval.py"])
+def test_a_config_path_that_names_no_file_is_one_line_naming_it(program, tmp_path):
+    out = subprocess.run(
+        [sys.executable, program, "--config", "configs/digit.py:1.0", "--workdir",
+         str(tmp_path / "w")],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and lines == ["error: --config configs/digit.py: no such file"]
+    assert not (tmp_path / "w").exists()
 
 
 _IMPORT_ALL = """

@@ -313,7 +313,7 @@ def test_a_checkpoint_written_before_digests_were_recorded_still_resumes(
     meta = json.loads(meta_file.read_text())
     del meta["digests"]
     meta_file.write_text(json.dumps(meta))
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     result = train_and_evaluate(config, tmp_path)
     assert not unusable_warnings(caplog)
     assert any("resumed from step 2" in r.getMessage() for r in caplog.records)

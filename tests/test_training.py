@@ -23,7 +23,7 @@ from shufflenet_jax.data import pipeline as input_pipeline
 from shufflenet_jax.model import checkpoint
 from shufflenet_jax.model.layers import Conv2d
 from shufflenet_jax.model.network import abstract_model
-from shufflenet_jax.train import checkpoints, optim, parallel, step
+from shufflenet_jax.train import checkpoints, hooks, optim, parallel, step
 from shufflenet_jax.train.loop import train_and_evaluate
 from shufflenet_jax.train.state import create_model, create_train_state
 
@@ -509,7 +509,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(digits_data_dir, 
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     # what a kill -9 in the middle of a save leaves: an uncommitted temporary directory
     (ckpts / "6.orbax-checkpoint-tmp").mkdir()
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     result = train_and_evaluate(config, tmp_path, stop_after=5)
     assert any(
         "checkpoint 4" in r.getMessage() and "unusable" in r.getMessage() for r in caplog.records
@@ -645,3 +645,30 @@ def test_device_prefetch_raises_the_readers_error_in_the_loop():
             next(feed)
     finally:
         feed.close()
+
+
+def test_the_progress_rate_and_eta_start_after_the_first_step_compiles(monkeypatch):
+    """The first step takes the compilation (100 s here); the rate at step 4 is the 3 steps
+    after it (1 s each), not 4 steps over 103 s, which gave a first ETA of many minutes."""
+    clock = iter([0.0, 100.0, 101.0, 102.0, 103.0, 103.5])
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: next(clock))
+    lines = []
+
+    class Log:
+        def write(self, kind, step, values, line):
+            lines.append((step, values["images_per_second"], line))
+
+    config = digits_config.get_config()
+    set_fields(config, batch_size=10, log_every=2, total_steps=10, warmup_steps=0)
+    progress = hooks.ProgressLog(config, Log(), train_examples=100)
+    metrics = {"loss": 1.0, "top1": 0.5}
+    for n in range(1, 5):
+        progress(n, None, metrics, last=False)
+    ((step2, ips2, _), (step4, ips4, line4)) = lines
+    assert (step2, step4) == (2, 4)
+    assert ips2 == pytest.approx(10.0) and ips4 == pytest.approx(20.0)  # 10 images per 1 s
+    assert line4.endswith("20.0 img/s ETA 0:00:03")  # 6 steps of 10 images at 20 images/s
+    set_fields(config, log_every=1)  # the first step itself logged: said to be compiling
+    clock = iter([0.0, 50.0, 51.0])
+    hooks.ProgressLog(config, Log(), train_examples=100)(1, None, metrics, last=False)
+    assert lines[-1][2].endswith("img/s (the first step, compiling)")

@@ -55,7 +55,15 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder):
+    """A builder of local data: its start says so, instead of TFDS's "Downloading and
+    preparing dataset Unknown size" (TFDS prints that from `_log_download_bytes`)."""
+
+    def _log_download_bytes(self) -> None:
+        print(f"Preparing {self.name} in {self.data_dir} from local files (no download)")
+
+
+class Digits(_LocalBuilder):
     """scikit-learn's bundled UCI handwritten digits: 1,797 8x8 grayscale images, 10 classes.
 
     Real data that ships with a package, so training runs offline. Splits: `train` (1,438) and
@@ -91,7 +99,7 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
 
 
-class ImageFolder(tfds.core.GeneratorBasedBuilder):
+class ImageFolder(_LocalBuilder):
     """A user's images laid out as `root/<split>/<class>/<image>`; `manual_dir` is `root`.
 
     Every subdirectory of `root` is a split; the class names are the sorted subdirectories of

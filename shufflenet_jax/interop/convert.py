@@ -89,6 +89,11 @@ def load_torch_state_dict(source: Any) -> dict[str, np.ndarray]:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise ValueError(f"{path} is not a file (a torchvision .pth state_dict is expected)")
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic != b"PK" and magic[:1] != b"\x80":  # torch.save's zip archive, or a pickle
+            raise ValueError(f"{path} is not a torch weights file (neither torch.save's zip "
+                             "archive nor a pickle)")  # fmt: skip
         try:
             obj = torch.load(source, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -281,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             torch.save(to_torch_state_dict(model), args.out)
         else:
             model = load_torchvision(args.torch, args.width, args.num_classes)
-            save_model(args.out, model, source=os.path.abspath(args.torch))
+            save_model(args.out, model, source=os.path.abspath(args.torch), image_size=224)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(1, f"error: {e}\n")
     print(f"wrote ShuffleNet V2 {model.width}x ({model.num_classes} classes) to {args.out}")

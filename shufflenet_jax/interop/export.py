@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -186,10 +187,27 @@ def load(path: str | Path) -> Predict:
 
         exported = export.deserialize(bytearray(data))
         run = lambda images: np.asarray(exported.call(jnp.asarray(images)))  # noqa: E731
-        return _any_batch(run, exported.in_avals[0].shape[0])
-    if fmt == "onnx":
-        return _onnx_predict(data)
-    return _tflite_predict(data)
+        predict, shape = _any_batch(run, exported.in_avals[0].shape[0]), exported.in_avals[0].shape
+    elif fmt == "onnx":
+        predict, shape = _onnx_predict(data)
+    else:
+        predict, shape = _tflite_predict(data)
+    return _sized(predict, tuple(int(d) for d in shape[1:3]), path)
+
+
+def _sized(predict: Predict, size: tuple[int, int], path: Path) -> Predict:
+    """`predict`, refusing in one line images of another size than the file's input."""
+
+    def checked(images: np.ndarray) -> np.ndarray:
+        if tuple(images.shape[1:3]) != size:
+            raise ValueError(
+                f"{path} takes {size[0]}x{size[1]} images, not {images.shape[1]}x"
+                f"{images.shape[2]}: export it with --image_size {images.shape[1]}, or evaluate "
+                f"with a config of size {size[0]}"
+            )
+        return predict(images)
+
+    return checked
 
 
 def _any_batch(run: Predict, static: Any) -> Predict:
@@ -206,7 +224,7 @@ def _any_batch(run: Predict, static: Any) -> Predict:
     return predict
 
 
-def _onnx_predict(data: bytes) -> Predict:
+def _onnx_predict(data: bytes) -> tuple[Predict, list]:
     ort = require("onnxruntime")
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     nchw = session.get_inputs()[0].shape[1] == 3
@@ -215,10 +233,11 @@ def _onnx_predict(data: bytes) -> Predict:
         x = images.transpose(0, 3, 1, 2) if nchw else images
         return session.run(None, {"images": np.ascontiguousarray(x, np.float32)})[0]
 
-    return _any_batch(run, session.get_inputs()[0].shape[0])
+    shape = session.get_inputs()[0].shape
+    return _any_batch(run, shape[0]), [shape[0], *shape[2:4]] if nchw else shape
 
 
-def _tflite_predict(data: bytes) -> Predict:
+def _tflite_predict(data: bytes) -> tuple[Predict, list]:
     interpreter = require("ai_edge_litert.interpreter").Interpreter(model_content=data)
     interpreter.allocate_tensors()
     (given,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
@@ -228,7 +247,7 @@ def _tflite_predict(data: bytes) -> Predict:
         interpreter.invoke()
         return interpreter.get_tensor(out["index"]).copy()
 
-    return _any_batch(run, int(given["shape"][0]))
+    return _any_batch(run, int(given["shape"][0])), list(given["shape"])
 
 
 def reference(model: ShuffleNetV2) -> Predict:
@@ -275,6 +294,13 @@ def export(
         raise ValueError("int8 is for the onnx and tflite formats")
     if fmt == "tflite" and batch is None:
         raise ValueError("a LiteRT export has a static batch: give --batch N")
+    for images in [*(calibration or [])[:1], *([] if check_images is None else [check_images])]:
+        if images.shape[1:3] != (image_size, image_size):
+            raise ValueError(
+                f"the data's images are {images.shape[1]}x{images.shape[2]}, the export's input "
+                f"{image_size}x{image_size}: give --image_size {images.shape[1]} or a config "
+                f"of size {image_size}"
+            )
     if fmt == "onnx":
         data = to_onnx(model, image_size, batch, layout)
         data = data if calibration is None else quantize_onnx(data, calibration, layout, batch)
@@ -292,7 +318,8 @@ def export(
         "bytes": len(data),
         "batch": batch,
         "int8": calibration is not None,
-        "checked_on": f"{len(x)} {check_source if real else 'fixed random inputs'}",
+        "checked_on": f"{len(x)} {check_source if real else 'fixed random input'}"
+        + ("" if real or len(x) == 1 else "s"),
         "max_abs_diff": float(np.abs(got - want).max()),
         "tolerance": tolerance(want),
         "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))) if real else None,
@@ -320,16 +347,22 @@ def describe(report: dict[str, Any]) -> str:
     return line
 
 
-def _load_model(args: argparse.Namespace) -> ShuffleNetV2:
+def _load_model(args: argparse.Namespace) -> tuple[ShuffleNetV2, int]:
+    """The model the flags name and its image size: --image_size, else the size a checkpoint
+    records it was trained at (a training run's best model, or converted weights: 224)."""
+    trained_at = 224
     if args.checkpoint:
-        from shufflenet_jax.model.checkpoint import restore_model
+        from shufflenet_jax.model.checkpoint import read_model_config, restore_model
 
-        return restore_model(args.checkpoint, args.width, args.num_classes)
-    if args.torch_weights:
+        model = restore_model(args.checkpoint, args.width, args.num_classes)
+        trained_at = read_model_config(args.checkpoint).get("image_size", 224)
+    elif args.torch_weights:
         from shufflenet_jax.interop.convert import load_torchvision
 
-        return load_torchvision(args.torch_weights, args.width, args.num_classes)
-    return ShuffleNetV2(args.width, args.num_classes or 1000, rngs=nnx.Rngs(args.seed))
+        model = load_torchvision(args.torch_weights, args.width, args.num_classes)
+    else:
+        model = ShuffleNetV2(args.width, args.num_classes or 1000, rngs=nnx.Rngs(args.seed))
+    return model, args.image_size or trained_at
 
 
 def _data(args: argparse.Namespace) -> dict[str, Any]:
@@ -354,11 +387,16 @@ def _data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # TensorFlow's converter logs C++ warnings about options jax2tf's graph never sets; this
+    # program's own line says what was written
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="DIR", help="a model checkpoint directory")
+    source.add_argument(
+        "--checkpoint", metavar="DIR", help="a model checkpoint, or a training run (its best)"
+    )
     source.add_argument("--torch_weights", metavar="PTH", help="torchvision weights (.pth)")
     source.add_argument("--width", help="random weights of this width (0.5, 1.0, 1.5, 2.0)")
     parser.add_argument("--num_classes", type=int, help="expected (or, with --width, chosen)")
@@ -368,7 +406,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="static batch (default 1)")
     batch.add_argument("--dynamic_batch", action="store_true", help="stablehlo and onnx only")
-    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument(
+        "--image_size", type=int, help="default: the size the checkpoint was trained at, or 224"
+    )
     parser.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="onnx input")
     parser.add_argument("--int8", action="store_true", help="onnx and tflite: int8 weights")
     parser.add_argument("--calibration_config", metavar="CONFIG", help="its training images")
@@ -378,12 +418,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        model = _load_model(args)
+        model, image_size = _load_model(args)
         report = export(
             model,
             args.format,
             args.out,
-            image_size=args.image_size,
+            image_size=image_size,
             batch=None if args.dynamic_batch else args.batch,
             layout=args.layout,
             **_data(args),

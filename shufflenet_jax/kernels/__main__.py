@@ -1,10 +1,12 @@
-"""python -m shufflenet_jax.kernels: build (or find in the cache) the C++ CPU kernels now, and
-say where they are; exit status 1 where they do not build here."""
+"""python -m shufflenet_jax.kernels: build (or find in the cache) all of the package's C++ now
+(the network's CPU kernels, the input's JPEG decoder and resize) and say where each stands;
+exit status 1 where any does not build here."""
 
 import argparse
 import sys
 
 from shufflenet_jax import kernels
+from shufflenet_jax.data import jpeg, resample
 
 if __name__ == "__main__":
     argparse.ArgumentParser(
@@ -12,4 +14,7 @@ if __name__ == "__main__":
     ).parse_args()
     ok = kernels.load()
     print(f"C++ kernels: {kernels.status()}")
-    sys.exit(0 if ok else 1)
+    built = {"C++ JPEG decoder": jpeg.available(), "C++ resize": resample.available()}
+    for what, available in built.items():
+        print(f"{what}: {'built' if available else 'not built (Pillow is used)'}")
+    sys.exit(0 if ok and all(built.values()) else 1)

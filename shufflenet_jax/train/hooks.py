@@ -153,13 +153,18 @@ class ProgressLog:
         self.steps_per_epoch = train_examples / config.train.batch_size
         self.lr_at = optim.schedule(config)
         self.window_start, self.window_steps = time.perf_counter(), 0
+        self.first = True
 
     def due(self, step: int, last: bool) -> bool:
         return every(step, self.config.train.log_every, last)
 
     def __call__(self, step: int, state: TrainState, metrics: dict, last: bool) -> None:
-        self.window_steps += 1
+        first, self.first = self.first, False
         t = self.config.train
+        if first and not self.due(step, last):  # its time is mostly compilation: the rate
+            self.window_start = time.perf_counter()  # and the ETA start after it
+            return
+        self.window_steps += 1
         if not self.due(step, last):
             return
         elapsed = time.perf_counter() - self.window_start
@@ -178,7 +183,8 @@ class ProgressLog:
             values,
             f"step {step}/{t.total_steps} epoch {values['epoch']:.2f} "
             f"loss {values['loss']:.4f} top-1 {values['top1']:.3f} "
-            f"lr {values['lr']:.4g} {ips:.1f} img/s ETA {_format_eta(eta)}",
+            f"lr {values['lr']:.4g} {ips:.1f} img/s "
+            + ("(the first step, compiling)" if first else f"ETA {_format_eta(eta)}"),
         )
         self.window_start, self.window_steps = time.perf_counter(), 0
 
@@ -224,7 +230,9 @@ class Evaluate:
         model = nnx.merge(self.graphdef, state.params, state.batch_stats)
         saved = self.best.save(
             step,
-            args=checkpoint.model_save_args(model, source=f"training step {step}"),
+            args=checkpoint.model_save_args(
+                model, source=f"training step {step}", image_size=self.config.data.image_size
+            ),
             metrics={"top1": result["top1"]},
         )
         if not saved:  # a resumed run re-evaluating a step that best/ already has

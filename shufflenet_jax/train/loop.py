@@ -72,7 +72,9 @@ def _train(config: Any, workdir: Path, stop_after: int | None, train_batches) ->
     restored = checkpoints.restore_latest(latest, config, replicated, data_iter)
     if restored is not None:
         state = restored
-        log.warning("resumed from step %d in %s", int(state.step), workdir / "checkpoints")
+        log.info("resumed from step %d in %s", int(state.step), workdir / "checkpoints")
+        if jax.process_index() == 0:  # the normal course of a run: a line, not a warning
+            print(f"resumed from step {int(state.step)} in {workdir / 'checkpoints'}", flush=True)
     state = jax.device_put(state, replicated)
     train_step = step.train_step_for(config, graphdef, tx, mesh)
     train_step = parallel.compiled_together(train_step, "train")
