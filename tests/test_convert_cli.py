@@ -88,7 +88,7 @@ def test_a_file_that_is_not_torch_weights_is_one_line_naming_it(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         convert.main(["--torch", str(notes), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 1 and len(err) == 1 and "notes.txt is not a torch weights file" in err[0]
+    assert e.value.code == 1 and len(err) == 1 and "notes.txt as a torch weights file" in err[0]
     assert not (tmp_path / "o").exists()
 
 
@@ -152,7 +152,7 @@ def test_eval_of_a_bad_model_source_is_one_line_naming_it(source, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     path, message = {
-        "--torch_weights": (notes, "notes.txt is not a torch weights file"),
+        "--torch_weights": (notes, "notes.txt as a torch weights file"),
         "--checkpoint": (tmp_path / "nope", "nope does not exist"),
     }[source]
     out = subprocess.run(

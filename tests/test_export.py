@@ -290,7 +290,7 @@ def test_export_of_a_bad_source_is_one_line_naming_it(trained, tmp_path):
     cases = [
         (["--checkpoint", str(tmp_path / "nope")], "nope does not exist"),
         (["--checkpoint", str(step)], f"that run's models are in {workdir / 'best'}"),
-        (["--torch_weights", str(notes)], "notes.txt is not a torch weights file"),
+        (["--torch_weights", str(notes)], "notes.txt as a torch weights file"),
     ]
     for source, message in cases:
         out = tmp_path / "m.onnx"

@@ -92,8 +92,8 @@ def load_torch_state_dict(source: Any) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             magic = f.read(2)
         if magic != b"PK" and magic[:1] != b"\x80":  # torch.save's zip archive, or a pickle
-            raise ValueError(f"{path} is not a torch weights file (neither torch.save's zip "
-                             "archive nor a pickle)")  # fmt: skip
+            raise ValueError(f"cannot read {path} as a torch weights file: neither torch.save's "
+                             "zip archive nor a pickle")  # fmt: skip
         try:
             obj = torch.load(source, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
