@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,25 +40,13 @@ def schemes(q) -> dict[str, dict]:
 def quantized_sessions(model, image_size: int, calibration: list[np.ndarray]) -> dict:
     """An ONNX Runtime session per scheme (and the float file's), dynamic batch, NHWC."""
     import onnxruntime as ort
-    from onnxruntime import quantization as q
+    from onnxruntime import quantization
 
-    class Reader(q.CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(calibration)
-
-        def get_next(self) -> dict | None:
-            x = next(self.batches, None)
-            return None if x is None else {"images": x}
-
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "float.onnx").write_bytes(export.to_onnx(model, image_size, None, "nhwc"))
-    files = {"float": tmp / "float.onnx"}
-    for name, kwargs in schemes(q).items():
-        files[name] = tmp / f"{name}.onnx"
-        q.quantize_static(files["float"], files[name], Reader(), quant_format=q.QuantFormat.QDQ,
-                          per_channel=True, **kwargs)  # fmt: skip
+    files = {"float": export.to_onnx(model, image_size, None, "nhwc")}
+    for name, options in schemes(quantization).items():
+        files[name] = export.static_quantize(files["float"], calibration, "nhwc", None, **options)
     options = {"providers": ["CPUExecutionProvider"]}
-    return {name: ort.InferenceSession(str(f), **options) for name, f in files.items()}
+    return {name: ort.InferenceSession(data, **options) for name, data in files.items()}
 
 
 def images_per_second(sessions: dict, images: np.ndarray, batch: int, repeats: int) -> dict:

@@ -198,12 +198,10 @@ def calibration_images(config: Any, num_batches: int, batch: int) -> list[np.nda
 def held_out_images(config: Any, limit: int) -> tuple[np.ndarray, str]:
     """Up to `limit` images of the config's evaluation split, preprocessed as for evaluation,
     and a description naming them: what an int8 export's agreement is measured on."""
-    split = eval_split(config)
-    chunks, count = [], 0
-    for b in standardized_batches(config, split, config.train.eval_batch_size):
+    chunks = []
+    for b in standardized_batches(config, eval_split(config), config.train.eval_batch_size):
         chunks.append(b["image"][b["mask"]])
-        count += len(chunks[-1])
-        if count >= limit:
+        if sum(map(len, chunks)) >= limit:
             break
     images = np.concatenate(chunks)[:limit]
     return images, f"images of {config.data.dataset}'s {config.data.eval_split} split"

@@ -127,6 +127,22 @@ def quantize_onnx(
     255 * (64 + 64) cannot (`u8s8_pair_sum_bound`). Full-range weights classify a third of the
     digits wrongly on such a CPU; uint8 weights (U8U8) are as accurate and slower
     (docs/deployment.md)."""
+    q = require("onnxruntime.quantization").QuantType
+    quantized = static_quantize(
+        data, calibration, layout, batch,
+        reduce_range=True, activation_type=q.QUInt8, weight_type=q.QInt8,
+    )  # fmt: skip
+    if u8s8_pair_sum_bound(quantized) > INT16_MAX:
+        raise ValueError("the int8 weights exceed 7 bits: wrong on x86 CPUs without VNNI")
+    return quantized
+
+
+def static_quantize(
+    data: bytes, calibration: list[np.ndarray], layout: str, batch: int | None, **options: Any
+) -> bytes:
+    """`onnxruntime.quantization.quantize_static` (QDQ, per channel, and `options`) of a
+    serialized model, calibrated on NHWC `calibration` batches: the export's scheme is
+    `quantize_onnx`; others are for comparing schemes (benchmarks/int8_onnx.py)."""
     quantization = require("onnxruntime.quantization")
 
     class Reader(quantization.CalibrationDataReader):
@@ -148,14 +164,9 @@ def quantize_onnx(
             Reader(),
             quant_format=quantization.QuantFormat.QDQ,
             per_channel=True,
-            reduce_range=True,
-            activation_type=quantization.QuantType.QUInt8,
-            weight_type=quantization.QuantType.QInt8,
+            **options,
         )
-        quantized = target.read_bytes()
-    if u8s8_pair_sum_bound(quantized) > INT16_MAX:
-        raise ValueError("the int8 weights exceed 7 bits: wrong on x86 CPUs without VNNI")
-    return quantized
+        return target.read_bytes()
 
 
 INT16_MAX = 2**15 - 1
