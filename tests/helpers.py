@@ -15,6 +15,18 @@ START_LIMIT_S = 600  # until train.py has logged its first steps
 RUN_LIMIT_S = 900  # until a train.py of a few steps (or one stopped by a signal) has exited
 
 
+# Bound on any float64 quantity of a train-mode step (loss, gradients, updated parameters and
+# running statistics) when two correct implementations compute it, relative to the largest
+# value of its tensor. Float64 rounds at u = 1.1e-16; a random ShuffleNet's train-mode pass
+# amplifies rounding by up to about 5e5 (`python benchmarks/float32_conditioning.py`, this
+# fixture's width 0.5, batch 8, 64x64: PyTorch float32 2.9e-2 from float64, i.e. 4.9e5 x its
+# u = 6e-8; Zen 3), so about 5e-11 in float64; 1e-9 leaves 18x for other CPUs' summation
+# orders. Measured 1.5e-13 (gradients, JAX vs torch), 7.7e-14 (one SGD step's state), 1.2e-15
+# (loss) and 4.8e-13 (gradients, fast vs reference formulations). A framework difference of
+# 1e-6 (a gradient scaled by 1 + 1e-6) fails it.
+FLOAT64_STEP_REL = 1e-9
+
+
 def random_values(abstract, seed):
     """Random weights and BatchNorm statistics (positive variances) for an abstract model."""
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ from lab import variants
 from shufflenet_jax import ShuffleNetV2, ShuffleUnit, shufflenet_v2_x0_5, shufflenet_v2_x2_0
 from shufflenet_jax.model.network import abstract_model, with_values
 from shufflenet_jax.model.summary import param_count
-from tests.helpers import random_values
+from tests.helpers import FLOAT64_STEP_REL, random_values
 
 TORCHVISION_PARAMS = {0.5: 1_366_792, 1.0: 2_278_604, 1.5: 3_503_624, 2.0: 7_393_996}
 
@@ -186,12 +186,14 @@ def test_default_implementations_give_the_reference_outputs_and_gradients_in_tra
         ref = with_values(abstract_model(0.5, **REFERENCE_IMPLS), values)
         (loss, grads), (ref_loss, ref_grads) = loss_and_grads(fast, x), loss_and_grads(ref, x)
     assert loss.dtype == np.float64
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(loss, ref_loss, rtol=FLOAT64_STEP_REL, atol=0)
     ref_flat = dict(nnx.to_flat_state(ref_grads))
     for path, g in nnx.to_flat_state(grads):
         want = np.asarray(ref_flat[path][...])
         err = np.max(np.abs(np.asarray(g[...]) - want))
-        assert err <= 1e-6 * np.max(np.abs(want)) + 1e-12, (path, err)
+        # + 1e-12: the biases whose gradient is zero in exact arithmetic (a BatchNorm's bias
+        # before a 1x1 conv and a train-mode BatchNorm) hold float64 noise on both sides
+        assert err <= FLOAT64_STEP_REL * np.max(np.abs(want)) + 1e-12, (path, err)
 
 
 def test_unknown_width_is_rejected():

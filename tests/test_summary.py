@@ -4,19 +4,70 @@ import pytest
 
 from shufflenet_jax.model import summary
 
-# Multiply-adds at 224x224, computed analytically from the paper's Table 5 layout.
-ANALYTIC_MACS = {0.5: 40.5e6, 1.0: 144.9e6, 1.5: 295.8e6, 2.0: 583.3e6}
+# The paper's Table 5: output channels of conv1, stages 2-4 and conv5 for each width.
+TABLE_5 = {
+    0.5: (24, 48, 96, 192, 1024),
+    1.0: (24, 116, 232, 464, 1024),
+    1.5: (24, 176, 352, 704, 1024),
+    2.0: (24, 244, 488, 976, 2048),
+}
+REPEATS = (4, 8, 4)  # units in stages 2, 3, 4 (Table 5)
+TABLE_8_MFLOPS = {0.5: 41, 1.0: 146, 1.5: 299, 2.0: 591}  # the paper's complexity column
 
 
-@pytest.mark.parametrize("width", sorted(ANALYTIC_MACS))
-def test_json_summary_has_torchvision_params_and_analytic_macs(width, capsys):
+def closed_form_macs(width: float, official: bool = False) -> int:
+    """Multiply-adds of the network at 224x224 with 1000 classes, from Table 5 alone.
+
+    A k x k convolution from a to b channels at an h x h output costs h*h*k*k*a*b (a depthwise
+    one h*h*k*k*a). Each stage's first unit (stride 2) has a projection branch (3x3 depthwise,
+    1x1) and a main branch (1x1 at the input's size, 3x3 depthwise stride 2, 1x1); the others
+    split the channels and transform half (1x1, 3x3 depthwise, 1x1). torchvision's first unit
+    gives each branch out/2 channels; the official (megvii) layout, which the paper counts,
+    projects in -> in and lets the main branch give out - in.
+    """
+    c1, *stages, c5 = TABLE_5[width]
+    size = 112  # conv1: 3x3 stride 2 on 224
+    total = size * size * 9 * 3 * c1
+    size, cin = 56, c1  # max-pool stride 2
+    for cout, repeats in zip(stages, REPEATS, strict=True):
+        half, out = cout // 2, size // 2
+        proj, main = (cin, cout - cin) if official else (half, half)
+        total += out * out * (9 * cin + cin * proj)  # projection branch
+        total += size * size * cin * half + out * out * (9 * half + half * main)  # main branch
+        total += (repeats - 1) * out * out * (2 * half * half + 9 * half)  # stride-1 units
+        size, cin = out, cout
+    return total + size * size * cin * c5 + c5 * 1000  # conv5 (1x1), fc
+
+
+def closed_form_params(width: float) -> int:
+    """Trainable parameters of torchvision's layout from Table 5: convolutions without bias,
+    each followed by a BatchNorm (scale and bias per channel), and the fc layer with its bias."""
+    c1, *stages, c5 = TABLE_5[width]
+
+    def conv_bn(a, b, depthwise=False, k=1):
+        return k * k * (a if depthwise else a * b) + 2 * b
+
+    total, cin = conv_bn(3, c1, k=3), c1
+    for cout, repeats in zip(stages, REPEATS, strict=True):
+        half = cout // 2
+        total += conv_bn(cin, cin, True, 3) + conv_bn(cin, half)  # projection branch
+        total += conv_bn(cin, half) + conv_bn(half, half, True, 3) + conv_bn(half, half)
+        total += (repeats - 1) * (2 * conv_bn(half, half) + conv_bn(half, half, True, 3))
+        cin = cout
+    return total + conv_bn(cin, c5) + c5 * 1000 + 1000
+
+
+@pytest.mark.parametrize("width", sorted(TABLE_5))
+def test_json_summary_has_the_closed_form_params_and_macs(width, capsys):
     summary.main(["--width", str(width), "--json"])
     s = json.loads(capsys.readouterr().out)
-    assert s["params"] == sum(layer["params"] for layer in s["layers"])
-    assert s["macs"] == sum(layer["macs"] for layer in s["layers"])
-    assert abs(s["macs"] - ANALYTIC_MACS[width]) <= 0.01 * ANALYTIC_MACS[width]
-    # The official layout, which the paper counts, comes within 1.5% of Table 8 (41M for 0.5x).
-    paper = s["paper_mflops"] * 1e6
+    assert s["params"] == closed_form_params(width)
+    assert s["macs"] == closed_form_macs(width)
+    assert s["official_layout_macs"] == closed_form_macs(width, official=True)
+    # The official layout, which the paper counts, comes within 1.5% of Table 8 (41M for 0.5x;
+    # the paper rounds to 1M and does not say what else it counts).
+    paper = TABLE_8_MFLOPS[width] * 1e6
+    assert s["paper_mflops"] == TABLE_8_MFLOPS[width]
     assert abs(s["official_layout_macs"] - paper) <= 0.015 * paper
 
 
