@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -563,20 +565,116 @@ def test_fine_tuning_starts_from_a_converted_checkpoint_with_a_new_head(tmp_path
     )
 
 
-def test_gradient_accumulation_updates_once_per_group_of_micro_batches():
+def sgd_reference(config, params, grads, updates):
+    """PyTorch's SGD (momentum, optional Nesterov, L2 weight decay on the kernels) written out:
+    the parameters after each of `updates` steps, step t using the mean of its group of
+    `grads` (grad_accum_steps of them) and the schedule's rate at t."""
+    o, lr = config.optim, optim.schedule(config)
+    k = o.grad_accum_steps
+    p, buf, out = dict(params), None, []
+    for t in range(updates):
+        g = {n: np.mean([gs[n] for gs in grads[t * k : (t + 1) * k]], axis=0) for n in p}
+        d = {n: g[n] + (o.weight_decay * p[n] if n == "kernel" else 0) for n in p}
+        buf = d if buf is None else {n: o.momentum * buf[n] + d[n] for n in p}
+        step_ = {n: d[n] + o.momentum * buf[n] for n in p} if o.nesterov else buf
+        p = {n: p[n] - float(lr(t)) * step_[n] for n in p}
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("accum", [1, 3])
+def test_the_optimizer_is_sgd_on_the_mean_gradient_once_per_group(nesterov, accum):
+    """Each option changes the update as PyTorch's SGD formula says (so an ignored `nesterov`
+    or an accumulation that sums, or steps every micro-batch, fails); the micro-steps between
+    updates change nothing. float32: a few operations per value, rounding about 1e-7."""
     config = imagenet_config.get_config("0.5")
-    config.optim.grad_accum_steps, config.optim.nesterov = 2, True
-    params = {"kernel": np.ones((2, 2), np.float32), "bias": np.zeros(2, np.float32)}
+    set_fields(config, grad_accum_steps=accum, nesterov=nesterov, warmup_steps=2)
+    rng = np.random.default_rng(0)
+    params = {"kernel": rng.standard_normal((3, 4)).astype(np.float32),
+              "bias": rng.standard_normal(4).astype(np.float32)}  # fmt: skip
+    grads = [{n: rng.standard_normal(v.shape).astype(np.float32) for n, v in params.items()}
+             for _ in range(4 * accum)]  # fmt: skip
+    want = sgd_reference(config, params, grads, updates=4)
     tx = optim.make_optimizer(config, params)
-    state = tx.init(params)
-    grads = {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}
-    updates, state = tx.update(grads, state, params)
-    assert all(np.all(u == 0) for u in jax.tree.leaves(updates))  # first micro-batch: no step
-    updates, state = tx.update(grads, state, params)
-    assert all(np.all(u != 0) for u in jax.tree.leaves(updates))
+    state, p = tx.init(params), params
+    for i, g in enumerate(grads):
+        updates, state = tx.update(g, state, p)
+        if (i + 1) % accum:
+            assert all(np.all(u == 0) for u in jax.tree.leaves(updates)), i  # micro-step
+        p = optax.apply_updates(p, updates)
+        if (i + 1) % accum == 0:
+            for n in p:
+                np.testing.assert_allclose(p[n], want[i // accum][n], rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_ema_and_nesterov_options_train(digits_data_dir, tmp_path):
+def tiny_run(**overrides):
+    """train.py's step for the digits config at batch 16 on one device, a fresh state, and a
+    fixed batch of standardized images."""
+    config = set_fields(digits_config.get_config(), batch_size=16, warmup_steps=0, num_devices=1,
+                        **overrides)  # fmt: skip
+    graphdef, tx, state = create_train_state(config, create_model(config))
+    train_step = step.train_step_for(config, graphdef, tx, parallel.make_mesh(1))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((16, 32, 32, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}  # fmt: skip
+    return config, train_step, state, batch
+
+
+def matmul_operand_types(lowered_text):
+    """The element types of each matmul's operands in a lowered (StableHLO) step."""
+    ops = re.findall(r"stablehlo\.dot_general .* : \((.*?)\) ->", lowered_text)
+    return [tuple(sorted(set(re.findall(r"x(bf16|f32|f64)>", types)))) for types in ops]
+
+
+def test_bf16_compute_multiplies_every_forward_matmul_in_bf16_and_float32_none():
+    """The option reaches the lowered step: in bfloat16 every 1x1 convolution and the fc layer
+    multiply bf16 operands (parameters cast from their float32 copies); in float32 no bf16
+    value exists in the step. (The backward pass's matmuls are not asserted.)"""
+    model = abstract_model(0.5, 10)
+    pointwise = sum(isinstance(m, Conv2d) and m.kind == "pointwise"
+                    for _, m in nnx.iter_graph(model))  # fmt: skip
+    texts = {}
+    for dtype in ("bfloat16", "float32"):
+        _, train_step, state, batch = tiny_run(compute_dtype=dtype)
+        texts[dtype] = train_step.lower(state, batch).as_text()
+    assert matmul_operand_types(texts["bfloat16"]).count(("bf16",)) == pointwise + 1 == 37
+    assert "bf16" not in texts["float32"] and matmul_operand_types(texts["float32"])
+
+
+def test_ema_follows_its_formula_at_updates_and_stands_still_between_them():
+    """ema <- d * ema + (1 - d) * params after each optimizer update; with gradient
+    accumulation the micro-steps change neither the parameters nor the EMA."""
+    _, train_step, state, batch = tiny_run(ema_decay=0.75, grad_accum_steps=2, nesterov=True)
+    # an EMA away from the parameters, as it is after some training (equal, a step moving
+    # it toward them would not show)
+    state = state.replace(ema_params=jax.tree.map(lambda p: 0.5 * p + 0.01, state.params))
+    snapshot = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731  (the state is donated)
+    p0, e0 = snapshot(state.params), snapshot(state.ema_params)
+    state, _ = train_step(state, batch)
+    p1, e1 = snapshot(state.params), snapshot(state.ema_params)
+    jax.tree.map(np.testing.assert_array_equal, (p1, e1), (p0, e0))  # a micro-step
+    state, _ = train_step(state, batch)
+    p2, e2 = snapshot(state.params), snapshot(state.ema_params)
+    assert not np.array_equal(p2["fc"]["kernel"], p1["fc"]["kernel"])  # an update
+    want = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * p, e1, p2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), e2, want)
+
+
+def test_bf16_training_lowers_the_loss_on_a_repeated_batch():
+    """Fifteen bf16 steps on one batch (the digits config's rate 0.025 at batch 16): the loss
+    falls to well under half of where it starts. Measured on Zen 3: 2.51 at the first step,
+    0.79 / 0.87 / 0.84 / 0.69 / 0.70 at the last five; the mean of the last three (0.74, 0.29x)
+    is asserted, not a step of the (non-monotonic) trajectory."""
+    _, train_step, state, batch = tiny_run(compute_dtype="bfloat16")
+    losses_ = []
+    for _ in range(15):
+        state, metrics = train_step(state, batch)
+        losses_.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses_)) and np.mean(losses_[-3:]) < 0.5 * losses_[0], losses_
+
+
+def test_bf16_ema_accumulation_and_nesterov_train_end_to_end(digits_data_dir, tmp_path):
     config = small_config(
         digits_data_dir,
         compute_dtype="bfloat16",

@@ -123,7 +123,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+            ema = _ema_update(ema, params, ema_decay, opt_state)
         metrics = {"loss": loss, "top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
         return TrainState(state.step + 1, params, batch_stats, opt_state, ema), metrics
 
@@ -137,6 +137,16 @@ def make_train_step(
         compiler_options=train_compiler_options() if compiler_options is None else compiler_options,
         **shardings,
     )
+
+
+def _ema_update(ema: nnx.State, params: nnx.State, decay: float, opt_state: Any) -> nnx.State:
+    """decay * ema + (1 - decay) * params after an optimizer update; with gradient accumulation
+    (optax.MultiSteps) the micro-steps that only accumulate leave the EMA as it is."""
+    moved = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    if not isinstance(opt_state, optax.MultiStepsState):
+        return moved
+    updated = opt_state.mini_step == 0  # MultiSteps' counter wraps to 0 when it updates
+    return jax.tree.map(lambda m, e: jnp.where(updated, m, e), moved, ema)
 
 
 def train_step_for(
