@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import digits as digits_config
-from shufflenet_jax import evaluation
+from shufflenet_jax import evaluation, predictor
 from shufflenet_jax.data import normalization
 from shufflenet_jax.data import pipeline as input_pipeline
 from shufflenet_jax.interop.compare import randomize_batchnorm
@@ -152,8 +152,13 @@ def test_classify_images_names_imagenet_classes_and_the_unreadable_file(tmp_path
     model = abstract_model(0.5, 1000)
     nnx.update(model, random_values(model, seed=3))
     smooth_jpeg(tmp_path / "a.jpg", 300, 200)
-    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 broken")
     transform = input_pipeline.EvalTransform(64, 72)
+    image = transform(input_pipeline.decode_image((tmp_path / "a.jpg").read_bytes(), "a.jpg"))
+    # random running statistics give logits of millions: scale the fc layer to logits of a few
+    # units, so that the softmax is spread and its five largest are distinct
+    model.fc.bias[...] = np.zeros(1000, np.float32)
+    model.fc.kernel[...] *= 3.0 / np.max(np.abs(predictor(model)(image[None])))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 broken")
     paths = [str(tmp_path / "bad.jpg"), str(tmp_path / "a.jpg")]
     bad, good = evaluation.classify_images(model, paths, transform, names)
     assert "bad.jpg" in bad["error"] and "cannot decode" in bad["error"]
@@ -161,6 +166,13 @@ def test_classify_images_names_imagenet_classes_and_the_unreadable_file(tmp_path
     probs = [t["probability"] for t in good["top"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     assert all(t["name"] == names[t["class"]] for t in good["top"])
+    # the five are the five largest of the model's softmax on the transformed image, with
+    # their probabilities (float32 rounding of a softmax over 1000 logits: about 1e-7)
+    want = np.asarray(jax.nn.softmax(predictor(model)(image[None])))[0]
+    ranked = np.argsort(-want)
+    assert want[ranked[4]] - want[ranked[5]] > 1e-5  # no near tie at the cut (seed 3)
+    assert [t["class"] for t in good["top"]] == ranked[:5].tolist()
+    np.testing.assert_allclose(probs, want[ranked[:5]], rtol=0, atol=1e-6)
 
 
 def test_eval_refuses_mismatched_models_missing_splits_and_ambiguous_sources(
