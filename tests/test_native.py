@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,25 @@ def _inputs(n, h, w, c, stride, seed=0):
 def test_native_kernels_build_on_this_machine():
     # CI must run the C++ path: a missing compiler fails here rather than falling back.
     assert kernels.load() and kernels.loaded()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="reads x86-64 machine code")
+def test_the_kernels_are_built_for_the_instruction_set_asked_for():
+    """$SHUFFLENET_JAX_MARCH (CI's AVX2 leg sets x86-64-v3 on AVX-512 CPUs) reaches g++: the
+    status names the march, and the loaded library's machine code uses 512-bit registers
+    exactly where g++ says that march has AVX-512 (a build that ignored the variable would
+    hold them on an AVX-512 CPU)."""
+    status = kernels.status()
+    assert status.endswith(f" (-march={build.march()})"), status
+    library = status.removesuffix(f" (-march={build.march()})")
+    disassembly = ["objdump", "-d", library]
+    code = subprocess.run(disassembly, capture_output=True, text=True, check=True).stdout
+    macros = subprocess.run(
+        [os.environ.get("CXX", "g++"), f"-march={build.march()}", "-dM", "-E", "-x", "c++", "-"],
+        input="", capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "__AVX2__" in macros and "%ymm" in code  # 8-float vectors on every supported kind
+    assert ("%zmm" in code) == ("__AVX512F__" in macros)
 
 
 @pytest.mark.deep_numerics

@@ -16,27 +16,34 @@ TABLE_8_MFLOPS = {0.5: 41, 1.0: 146, 1.5: 299, 2.0: 591}  # the paper's complexi
 
 
 def closed_form_macs(width: float, official: bool = False) -> int:
-    """Multiply-adds of the network at 224x224 with 1000 classes, from Table 5 alone.
+    """Multiply-adds of the network at 224x224 with 1000 classes (the paper's setting)."""
+    return closed_form_macs_at(width, 224, 1000, official)
+
+
+def closed_form_macs_at(width: float, size: int, num_classes: int, official: bool = False) -> int:
+    """Multiply-adds of the network on size x size images, from Table 5 alone.
 
     A k x k convolution from a to b channels at an h x h output costs h*h*k*k*a*b (a depthwise
-    one h*h*k*k*a). Each stage's first unit (stride 2) has a projection branch (3x3 depthwise,
-    1x1) and a main branch (1x1 at the input's size, 3x3 depthwise stride 2, 1x1); the others
-    split the channels and transform half (1x1, 3x3 depthwise, 1x1). torchvision's first unit
-    gives each branch out/2 channels; the official (megvii) layout, which the paper counts,
-    projects in -> in and lets the main branch give out - in.
+    one h*h*k*k*a); each stride-2 3x3 (pad 1) step maps n to (n - 1) // 2 + 1. Each stage's
+    first unit (stride 2) has a projection branch (3x3 depthwise, 1x1) and a main branch (1x1
+    at the input's size, 3x3 depthwise stride 2, 1x1); the others split the channels and
+    transform half (1x1, 3x3 depthwise, 1x1). torchvision's first unit gives each branch out/2
+    channels; the official (megvii) layout, which the paper counts, projects in -> in and lets
+    the main branch give out - in.
     """
     c1, *stages, c5 = TABLE_5[width]
-    size = 112  # conv1: 3x3 stride 2 on 224
+    down = lambda n: (n - 1) // 2 + 1  # noqa: E731
+    size = down(size)  # conv1: 3x3 stride 2
     total = size * size * 9 * 3 * c1
-    size, cin = 56, c1  # max-pool stride 2
+    size, cin = down(size), c1  # max-pool 3x3 stride 2
     for cout, repeats in zip(stages, REPEATS, strict=True):
-        half, out = cout // 2, size // 2
+        half, out = cout // 2, down(size)
         proj, main = (cin, cout - cin) if official else (half, half)
         total += out * out * (9 * cin + cin * proj)  # projection branch
         total += size * size * cin * half + out * out * (9 * half + half * main)  # main branch
         total += (repeats - 1) * out * out * (2 * half * half + 9 * half)  # stride-1 units
         size, cin = out, cout
-    return total + size * size * cin * c5 + c5 * 1000  # conv5 (1x1), fc
+    return total + size * size * cin * c5 + c5 * num_classes  # conv5 (1x1), fc
 
 
 def closed_form_params(width: float) -> int:
