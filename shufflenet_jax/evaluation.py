@@ -90,6 +90,8 @@ def evaluate_model(
     mesh = parallel.make_mesh(config.train.num_devices)
     local_batch = parallel.check_batch(config.train.eval_batch_size, mesh, "eval_batch_size")
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    # restored weights sit on one device; the batches are split over the mesh's
+    params, batch_stats = jax.device_put((params, batch_stats), parallel.replicated(mesh))
     eval_step = step.make_eval_step(graphdef, mesh)
     batches = configured.eval_dataset(config, split, local_batch)
     predictions = np.full(len(split), -1, np.int64)

@@ -7,6 +7,7 @@ The compiling tests are marked `aot`: they need JAX's CUDA plugin and libtpu
 """
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -204,6 +205,47 @@ def test_train_py_names_a_bad_target_in_one_line():
     )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: unknown target 'a100'")
+
+
+# train.py run as from the command line, with the largest-batch search's probes (only they)
+# answered by a memory model of 1 GB + 1 MB per image instead of compiles at huge batches
+COMPILE_FOR_WITH_A_MEMORY_MODEL = """
+import runpy, sys
+from shufflenet_jax.aot import compile as aot
+aot.total_bytes = lambda jitted, args_at, per_device, target: 1e9 + 1e6 * per_device
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.aot
+def test_train_py_compile_for_writes_its_report_the_largest_batches_and_the_executables(
+    tmp_path,
+):
+    """README's `train.py --compile_for h100 --json OUT --max_batch --save FILE` (the digits
+    config at batch 16): exit 0, the printed report, the JSON with both steps compiled for
+    one H100, each step's largest per-device batch where the memory model crosses the usable
+    bytes (within the search's 1/32), and the saved executables of both steps."""
+    import pickle
+
+    out, saved = tmp_path / "report.json", tmp_path / "steps.pkl"
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_WITH_A_MEMORY_MODEL, "--config", "configs/digits.py",
+         "--config.train.batch_size=16", "--config.train.eval_batch_size=16",
+         "--compile_for", "h100", "--json", str(out), "--max_batch", "--save", str(saved)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "h100: 1 cuda device(s)" in done.stdout.splitlines(), done.stdout[-2000:]
+    report = json.loads(out.read_text())
+    limit = (targets.usable_bytes(targets.get("h100")) - 1e9) / 1e6  # the model's crossing
+    for name in ("train", "eval"):
+        r = report[name]
+        assert r["global_batch"] == 16 and r["memory"]["fits"] and r["project_kernels"] == 0
+        assert r["max_per_device_batch"] <= limit < r["first_per_device_batch_over"]
+        assert r["first_per_device_batch_over"] <= r["max_per_device_batch"] * (1 + 1 / 32) + 1
+    steps = pickle.loads(saved.read_bytes())
+    assert steps["devices"] == 1 and set(steps["steps"]) == {"train", "eval"}
 
 
 def _search_with(monkeypatch, bytes_at, start, start_bytes=None):

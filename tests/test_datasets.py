@@ -192,3 +192,30 @@ def test_image_folder_can_store_train_images_smaller_and_never_resizes_validatio
         for split in ("train", "validation")
     }
     assert sizes == {"train": (160, 120), "validation": (400, 300)}
+
+
+def test_readmes_image_folder_command_resizes_train_images_and_skips_corrupt_ones(tmp_path):
+    """README's `prepare image_folder --manual_dir ROOT --data_dir DIR --train_short_side 320
+    --skip_corrupt` from the command line: the training image with a shorter side over 320 is
+    stored at 320, the validation image as it was, the corrupt file left out and named."""
+    root = tmp_path / "images"
+    pixels = np.random.default_rng(1).integers(0, 256, (400, 600, 3), dtype=np.uint8)
+    for split in ("train", "validation"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            Image.fromarray(pixels).save(root / split / cls / "1.jpg", quality=90)
+    (root / "train" / "dog" / "2.jpg").write_bytes(jpeg_bytes(1)[:40])  # truncated
+    done = subprocess.run(
+        [sys.executable, "-m", "shufflenet_jax.data.prepare", "image_folder", "--manual_dir",
+         str(root), "--data_dir", str(tmp_path / "tfds"), "--train_short_side", "320",
+         "--skip_corrupt"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dog/2.jpg" in done.stdout + done.stderr
+    train = records(load_split("image_folder", "train", str(tmp_path / "tfds")))
+    validation = records(load_split("image_folder", "validation", str(tmp_path / "tfds")))
+    assert sorted(train) == ["cat/1.jpg", "dog/1.jpg"] and sorted(validation) == sorted(train)
+    size = lambda r: Image.open(io.BytesIO(r["image"])).size  # noqa: E731
+    assert {size(r) for r in train.values()} == {(480, 320)}
+    assert {size(r) for r in validation.values()} == {(600, 400)}

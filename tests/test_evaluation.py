@@ -191,3 +191,20 @@ def test_eval_refuses_mismatched_models_missing_splits_and_ambiguous_sources(
         evaluation.load_models(config, workdir=tmp_path, checkpoint_dir=tmp_path / "x0_5")
     with pytest.raises(ValueError, match="no usable training checkpoint"):
         evaluation.load_models(config, workdir=tmp_path / "empty")
+
+
+def test_a_training_run_evaluates_over_eight_devices_as_over_one(trained):
+    """eval.py on a machine with several devices (the run's weights restored onto one of them,
+    the batches split over all): the same counts as on one device."""
+    config, workdir, _ = trained
+    split = evaluation.eval_split(config)
+    results = {}
+    for devices in (1, 8):
+        c = set_fields(digits_config.get_config(), data_dir=config.data.data_dir,
+                       num_devices=devices, eval_batch_size=128)  # fmt: skip
+        model = evaluation.load_models(c, workdir=workdir)["model"]
+        results[devices] = evaluation.evaluate_model(model, c, split)
+    assert results[8][0]["examples"] == results[1][0]["examples"] == 359
+    # each image's float32 logits on 8 devices and on 1 agree to rounding (other compiled
+    # batch shapes), so a prediction can differ only at a near tie: at most one of 359
+    assert np.sum(results[8][1] != results[1][1]) <= 1

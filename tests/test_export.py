@@ -15,12 +15,13 @@ import sys
 import numpy as np
 import pytest
 
+from configs import digits as digits_config
 from shufflenet_jax import evaluation
 from shufflenet_jax.interop import export
 from shufflenet_jax.model.network import abstract_model, with_values
 
-from .helpers import random_values
-from .test_training import ROOT, small_config
+from .helpers import random_values, set_fields
+from .test_training import ROOT
 
 SIZE = 32
 
@@ -150,17 +151,15 @@ def test_export_cli_refuses_a_checkpoint_of_other_classes_in_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(digits_data_dir, tmp_path_factory):
-    """The digits quickstart shortened to 300 steps: a model whose classes are separated as a
-    trained one's are, unlike random weights'. (config, model, its top-1 on the test split,
-    the run's workdir)"""
-    from shufflenet_jax.train.loop import train_and_evaluate
-
-    workdir = tmp_path_factory.mktemp("run")
-    config = small_config(digits_data_dir, total_steps=300, batch_size=32, log_every=100)
-    result = train_and_evaluate(config, workdir)
+def trained(quickstart_run):
+    """README's quickstart run (conftest.py): a model whose classes are separated as a trained
+    one's are, unlike random weights'. (config, its newest model, that model's top-1 on the
+    test split, the run's workdir)"""
+    _, data_dir, workdir, output = quickstart_run
+    config = set_fields(digits_config.get_config(), data_dir=data_dir, num_devices=1)
     model = evaluation.load_models(config, workdir=workdir)["model"]
-    return config, model, result.eval_metrics["top1"], workdir
+    top1 = float(re.search(r"final eval: top-1 ([\d.]+)", output).group(1))
+    return config, model, top1, workdir
 
 
 @EXPORT
@@ -302,7 +301,7 @@ def test_export_of_a_bad_source_is_one_line_naming_it(trained, tmp_path):
         assert not out.exists()
 
 
-@pytest.mark.os_level  # which directory holds the model: the first leg's (the 300-step run)
+@pytest.mark.os_level  # which directory holds the model: the first leg's (the quickstart's run)
 def test_a_run_directory_is_read_as_its_best_model_at_its_image_size(trained):
     from shufflenet_jax.model import checkpoint
 

@@ -1,6 +1,7 @@
 """The fusion lab (lab.fusion) and the guideline experiments' FLOP balance."""
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -128,6 +129,28 @@ def test_fusion_cli_documents_itself_and_writes_json(tmp_path):
     )
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["bn_relu=fused", "bn_relu=separate"]
+
+
+def test_readmes_pair_command_shows_which_fusion_holds_the_concat_and_saves_each_hlo(tmp_path):
+    """README's `lab.fusion --target pair --compare shuffle --evidence --save-hlo DIR` (small
+    shapes): a row per shuffle variant; --save-hlo writes each variant's optimized HLO, whose
+    fusions number what its row says; --evidence names, under each row, the fusions that hold
+    the concatenate (and prints nothing of the kind without the flag)."""
+    args = [sys.executable, "-m", "lab.fusion", "--target", "pair", "--compare", "shuffle",
+            "--channels", "16", "--size", "8", "--batch", "2", "--repeats", "1"]  # fmt: skip
+    hlo_dir, out = tmp_path / "hlo", tmp_path / "pair.json"
+    shown = subprocess.run([*args, "--evidence", "--save-hlo", str(hlo_dir), "--json", str(out)],
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    plain = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out.read_text())["rows"]
+    variants = [r["variant"].split(",")[0] for r in rows]
+    assert variants == [f"shuffle={v}" for v in ("transpose", "stack", "gather", "folded")]
+    for row in rows:
+        (saved,) = hlo_dir.glob(f"*_{row['variant'].replace(',', '_')}.txt")
+        assert count_independently(saved.read_text())[0] == row["fusions"], row["variant"]
+        block = shown.split(row["variant"], 1)[1].split("shuffle=", 1)[0]
+        assert re.search(r"a fusion holding \{[^}]*'concatenate'", block), row["variant"]
+    assert "fusion holding" not in plain
 
 
 # The paper's own channel choices balance FLOPs to within these fractions (Table 1: 128*128*2 is

@@ -108,9 +108,11 @@ def start_training(workdir, data_dir):
 
 
 @pytest.mark.os_level
-def test_sigterm_saves_a_checkpoint_and_exits_zero(digits_data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_exit_zero(sig, digits_data_dir, tmp_path):
+    """README: "Ctrl-C or SIGTERM saves and exits cleanly" (Ctrl-C is SIGINT to the process)."""
     proc = start_training(tmp_path, digits_data_dir)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=RUN_LIMIT_S)
     assert proc.returncode == 0, out
     steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
@@ -145,7 +147,6 @@ def flag_args(port):
                       f"--process_id={i}"]  # fmt: skip
 
 
-@pytest.mark.deep_numerics
 def test_two_processes_train_together_like_one(digits_data_dir, tmp_path):
     train_two_processes(tmp_path / "multi", digits_data_dir, flag_args(free_port()), lambda i: {})
 
@@ -691,17 +692,6 @@ def test_bf16_ema_accumulation_and_nesterov_train_end_to_end(digits_data_dir, tm
     assert not np.allclose(np.asarray(result.state.ema_params["fc"]["kernel"]), np.asarray(kernel))
     assert {"top1", "top5", "ema_top1", "ema_top5"} <= set(result.eval_metrics)
     assert result.eval_metrics["examples"] == 359
-
-
-def test_digits_quickstart_learns_well_above_chance(digits_data_dir, tmp_path, monkeypatch):
-    config = digits_config.get_config()
-    set_fields(config, data_dir=digits_data_dir, total_steps=300, eval_every=300, num_devices=1)
-    monkeypatch.chdir(tmp_path)  # a relative workdir, as README's command gives
-    result = train_and_evaluate(config, "runs/digits")
-    assert result.eval_metrics["examples"] == 359
-    assert result.eval_metrics["top1"] >= 0.5  # chance is 0.1
-    assert [p.name for p in (tmp_path / "runs/digits/best").iterdir()] == ["300"]
-    assert (tmp_path / "runs/digits/checkpoints/300").is_dir()
 
 
 def test_device_prefetch_keeps_order_and_saves_the_position_of_the_batch_handed_out():
