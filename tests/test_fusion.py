@@ -134,8 +134,9 @@ def test_fusion_cli_documents_itself_and_writes_json(tmp_path):
 def test_readmes_pair_command_shows_which_fusion_holds_the_concat_and_saves_each_hlo(tmp_path):
     """README's `lab.fusion --target pair --compare shuffle --evidence --save-hlo DIR` (small
     shapes): a row per shuffle variant; --save-hlo writes each variant's optimized HLO, whose
-    fusions number what its row says; --evidence names, under each row, the fusions that hold
-    the concatenate (and prints nothing of the kind without the flag)."""
+    fusions number what its row says; --evidence lists, under each row, the fusions that hold
+    a concatenate, transpose or gather and the library fusions, as its JSON row records them
+    (whichever XLA makes of the concat; nothing of the kind is printed without the flag)."""
     args = [sys.executable, "-m", "lab.fusion", "--target", "pair", "--compare", "shuffle",
             "--channels", "16", "--size", "8", "--batch", "2", "--repeats", "1"]  # fmt: skip
     hlo_dir, out = tmp_path / "hlo", tmp_path / "pair.json"
@@ -149,7 +150,11 @@ def test_readmes_pair_command_shows_which_fusion_holds_the_concat_and_saves_each
         (saved,) = hlo_dir.glob(f"*_{row['variant'].replace(',', '_')}.txt")
         assert count_independently(saved.read_text())[0] == row["fusions"], row["variant"]
         block = shown.split(row["variant"], 1)[1].split("shuffle=", 1)[0]
-        assert re.search(r"a fusion holding \{[^}]*'concatenate'", block), row["variant"]
+        held = re.findall(r"^    a fusion holding (\{.*\})$", block, re.M)
+        library = re.findall(r"^    a library fusion holding (\{.*\})$", block, re.M)
+        assert held == [str(dict(sorted(b.items()))) for b in row["data_movement_fusions"]]
+        assert library == [str(dict(sorted(b.items()))) for b in row["library_fusions"]]
+        assert held or library, row["variant"]
     assert "fusion holding" not in plain
 
 

@@ -15,6 +15,7 @@ from .conftest import ROOT, run_readme_command
 from .helpers import set_fields
 
 EXPORT = pytest.mark.export
+pytestmark = pytest.mark.quickstart
 
 
 def eval_py(quickstart_run, *args: str, json_path) -> dict:
