@@ -42,22 +42,6 @@ def digits_data_dir(tmp_path_factory):
     return str(data_dir)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_readme_command(*args: str, cwd: str, data_dir: str, **kwargs):
-    """One of README's commands (`python ...`) run as a user runs it, TFDS reading `data_dir`:
-    on the machine's own devices (one CPU device, not the tests' eight simulated ones)."""
-    import subprocess
-    import sys
-
-    xla_flags = os.environ.get("XLA_FLAGS", "").split()
-    own = [f for f in xla_flags if not f.startswith("--xla_force_host_platform_device_count")]
-    env = {**os.environ, "TFDS_DATA_DIR": data_dir, "XLA_FLAGS": " ".join(own)}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, **kwargs)  # fmt: skip
-
-
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory, worker_id):
     """README's quickstart as a user runs it, from a folder of its own: `python -m
@@ -68,6 +52,8 @@ def quickstart_run(tmp_path_factory, worker_id):
     import fcntl
     import json
 
+    from .helpers import ROOT, run_readme_command
+
     root = tmp_path_factory.getbasetemp()
     root = root if worker_id == "master" else root.parent  # one run's workers share its parent
     folder, data_dir = root / "quickstart", root / "quickstart" / "tensorflow_datasets"
@@ -76,8 +62,7 @@ def quickstart_run(tmp_path_factory, worker_id):
         record = root / "quickstart.json"
         if not record.exists():
             folder.mkdir(exist_ok=True)
-            train = os.path.join(ROOT, "train.py")
-            config = os.path.join(ROOT, "configs", "digits.py")
+            train, config = str(ROOT / "train.py"), str(ROOT / "configs" / "digits.py")
             steps = [("-m", "shufflenet_jax.data.prepare", "digits"),
                      (train, "--config", config, "--workdir", "runs/digits")]  # fmt: skip
             outputs = []

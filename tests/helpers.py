@@ -1,6 +1,10 @@
 """Helpers shared by the tests."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,6 +19,21 @@ START_LIMIT_S = 600  # until train.py has logged its first steps
 RUN_LIMIT_S = 900  # until a train.py of a few steps (or one stopped by a signal) has exited
 
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
+
+def run_readme_command(*args: str, cwd=ROOT, data_dir: str | None = None, **kwargs):
+    """One of README's commands (`python ...`) run as a user runs it, from `cwd`, TFDS reading
+    `data_dir`: on the machine's own devices (one CPU device, not the tests' eight simulated)."""
+    xla_flags = os.environ.get("XLA_FLAGS", "").split()
+    own = [f for f in xla_flags if not f.startswith("--xla_force_host_platform_device_count")]
+    env = {**os.environ, "XLA_FLAGS": " ".join(own)}
+    if data_dir:
+        env["TFDS_DATA_DIR"] = data_dir
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, **kwargs)  # fmt: skip
+
+
 # Bound on any float64 quantity of a train-mode step (loss, gradients, updated parameters and
 # running statistics) when two correct implementations compute it, relative to the largest
 # value of its tensor. Float64 rounds at u = 1.1e-16; a random ShuffleNet's train-mode pass
@@ -25,6 +44,14 @@ RUN_LIMIT_S = 900  # until a train.py of a few steps (or one stopped by a signal
 # (loss) and 4.8e-13 (gradients, fast vs reference formulations). A framework difference of
 # 1e-6 (a gradient scaled by 1 + 1e-6) fails it.
 FLOAT64_STEP_REL = 1e-9
+
+
+def forward_products(model) -> int:
+    """The matmuls one forward pass of `model` computes: its 1x1 convolutions and the fc."""
+    from shufflenet_jax.model.layers import Conv2d
+
+    convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, Conv2d)]
+    return sum(c.kind == "pointwise" for c in convs) + 1
 
 
 def random_values(abstract, seed):

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import digits
@@ -27,11 +26,10 @@ from shufflenet_jax import kernels
 from shufflenet_jax.aot import compile as aot
 from shufflenet_jax.aot import hlo, targets
 from shufflenet_jax.model.config import model_kwargs
-from shufflenet_jax.model.layers import Conv2d
 from shufflenet_jax.model.network import abstract_model
 from shufflenet_jax.train import parallel
 
-from .helpers import count_independently, set_fields
+from .helpers import count_independently, forward_products, set_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,13 +49,6 @@ def no_compilation_cache():
     yield
     jax.config.update("jax_enable_compilation_cache", before)
     compilation_cache.reset_cache()
-
-
-def forward_products(config) -> int:
-    """The dots one forward pass of the config's model computes: its 1x1 convolutions and fc."""
-    model = abstract_model(**model_kwargs(config))
-    convs = [m for _, m in nnx.iter_modules(model) if isinstance(m, Conv2d)]
-    return sum(c.kind == "pointwise" for c in convs) + 1
 
 
 def check_ready(name: str) -> tuple[dict, dict]:
@@ -107,7 +98,9 @@ def check_bf16_products(executables: dict) -> None:
     types = hlo.precision(hlo.optimized(executables["train"]))
     products = types["dot"] + types["convolution"]
     assert products and all(k.endswith("->f32") for k in products), products
-    assert products["bf16,bf16->f32"] >= forward_products(tiny_config()), products
+    assert products["bf16,bf16->f32"] >= forward_products(
+        abstract_model(**model_kwargs(tiny_config()))
+    ), products
     assert "bf16" not in types["sum"] and types["sum"]["f32"] > 0, types["sum"]
 
 

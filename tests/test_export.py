@@ -7,7 +7,6 @@ The ONNX and LiteRT tests need `.[export]` (onnx, onnxruntime, TensorFlow, ai-ed
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,8 +19,7 @@ from shufflenet_jax import evaluation
 from shufflenet_jax.interop import export
 from shufflenet_jax.model.network import abstract_model, with_values
 
-from .helpers import random_values, set_fields
-from .test_training import ROOT
+from .helpers import ROOT, random_values, run_readme_command, set_fields
 
 SIZE = 32
 
@@ -242,12 +240,6 @@ def test_the_deployment_benchmark_times_every_runtime_at_a_tiny_size(tmp_path):
         assert name == "readme" or f"ratio_readme_vs_{name}" in row, name
 
 
-def run_cli(*args, data_dir=None):
-    env = {**os.environ, **({"TFDS_DATA_DIR": data_dir} if data_dir else {})}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env)  # fmt: skip
-
-
 @EXPORT
 def test_the_readme_int8_export_of_a_run_directory_evaluates_like_the_trained_model(
     trained, digits_data_dir, tmp_path
@@ -258,16 +250,17 @@ def test_the_readme_int8_export_of_a_run_directory_evaluates_like_the_trained_mo
     within the int8 cost (the test above)."""
     _, _, top1, workdir = trained
     out = tmp_path / "digits_int8.tflite"
-    made = run_cli("-m", "shufflenet_jax.interop.export", "--checkpoint", str(workdir),
-                   "--format", "tflite", "--int8", "--calibration_config", "configs/digits.py",
-                   "--calibration_batches", "2", "--check_images", "200", "--out", str(out),
-                   data_dir=digits_data_dir)  # fmt: skip
+    made = run_readme_command(
+        "-m", "shufflenet_jax.interop.export", "--checkpoint", str(workdir), "--format",
+        "tflite", "--int8", "--calibration_config", "configs/digits.py", "--calibration_batches",
+        "2", "--check_images", "200", "--out", str(out), data_dir=digits_data_dir,
+    )  # fmt: skip
     assert made.returncode == 0, made.stderr[-3000:]
     line = made.stdout.strip().splitlines()[-1]
     match = re.search(r"on 200 images of digits's test split, .* top-1 agreement ([\d.]+)%", line)
     assert match and float(match.group(1)) >= 85, line  # the bound of the test above
-    evaluated = run_cli("eval.py", "--config", "configs/digits.py", "--tflite", str(out),
-                        data_dir=digits_data_dir)  # fmt: skip
+    evaluated = run_readme_command("eval.py", "--config", "configs/digits.py", "--tflite",
+                                   str(out), data_dir=digits_data_dir)  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     row = evaluated.stdout.strip().splitlines()[-1].split()
     assert row[0] == "exported" and row[4] == "359" and abs(float(row[1]) - top1) <= 0.1, row
@@ -295,8 +288,8 @@ def test_export_of_a_bad_source_is_one_line_naming_it(trained, tmp_path):
     ]
     for source, message in cases:
         out = tmp_path / "m.onnx"
-        done = run_cli("-m", "shufflenet_jax.interop.export", *source, "--format", "onnx",
-                       "--out", str(out))  # fmt: skip
+        done = run_readme_command("-m", "shufflenet_jax.interop.export", *source, "--format",
+                                  "onnx", "--out", str(out))  # fmt: skip
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 1 and len(lines) == 1 and message in lines[0], done.stderr
         assert not out.exists()

@@ -11,8 +11,7 @@ from configs import digits as digits_config
 from shufflenet_jax import evaluation
 from shufflenet_jax.data import pipeline as input_pipeline
 
-from .conftest import ROOT, run_readme_command
-from .helpers import set_fields
+from .helpers import ROOT, run_readme_command, set_fields
 
 EXPORT = pytest.mark.export
 pytestmark = pytest.mark.quickstart

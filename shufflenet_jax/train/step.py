@@ -123,7 +123,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = _ema_update(ema, params, ema_decay, opt_state)
+            ema = _ema_update(ema, params, ema_decay, tx, opt_state)
         metrics = {"loss": loss, "top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
         return TrainState(state.step + 1, params, batch_stats, opt_state, ema), metrics
 
@@ -139,13 +139,15 @@ def make_train_step(
     )
 
 
-def _ema_update(ema: nnx.State, params: nnx.State, decay: float, opt_state: Any) -> nnx.State:
+def _ema_update(
+    ema: nnx.State, params: nnx.State, decay: float, tx: Any, opt_state: Any
+) -> nnx.State:
     """decay * ema + (1 - decay) * params after an optimizer update; with gradient accumulation
     (optax.MultiSteps) the micro-steps that only accumulate leave the EMA as it is."""
     moved = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-    if not isinstance(opt_state, optax.MultiStepsState):
+    if not isinstance(tx, optax.MultiSteps):
         return moved
-    updated = opt_state.mini_step == 0  # MultiSteps' counter wraps to 0 when it updates
+    updated = tx.has_updated(opt_state)
     return jax.tree.map(lambda m, e: jnp.where(updated, m, e), moved, ema)
 
 
