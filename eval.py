@@ -13,9 +13,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from shufflenet_jax import evaluation
+from shufflenet_jax import classification, evaluation, recalibration, sources
+from shufflenet_jax.cli import one_line_errors, parse_flags
 from shufflenet_jax.data import pipeline as input_pipeline
-from shufflenet_jax.process import one_line_errors, parse_flags, print_setup, setup_process
+from shufflenet_jax.process import print_setup, setup_process
 from shufflenet_jax.train.checkpoints import CheckpointError
 
 FLAGS = flags.FLAGS
@@ -47,7 +48,7 @@ def _table(results: dict) -> str:
 
 def main(argv):
     del argv
-    print_setup(setup_process())
+    print_setup(setup_process(kernels=FLAGS.config.model.kernels))
     if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     config = FLAGS.config
@@ -56,7 +57,7 @@ def main(argv):
         if exported:
             _evaluate_exported(config, exported)
             return
-        models = evaluation.load_models(
+        models = sources.load_models(
             config,
             workdir=FLAGS.workdir,
             checkpoint_dir=FLAGS.checkpoint,
@@ -64,11 +65,13 @@ def main(argv):
             report=print,
         )
         if FLAGS.image:
-            names = evaluation.imagenet_class_names() if config.model.num_classes == 1000 else None
+            names = (
+                classification.imagenet_class_names() if config.model.num_classes == 1000 else None
+            )
             transform = input_pipeline.EvalTransform(
                 config.data.image_size, config.data.eval_resize
             )
-            results = evaluation.classify_images(models["model"], FLAGS.image, transform, names)
+            results = classification.classify_images(models["model"], FLAGS.image, transform, names)
             for r in results:
                 if "error" in r:
                     print(f"{r['image']}: error: {r['error']}")
@@ -80,7 +83,7 @@ def main(argv):
         else:
             split = evaluation.eval_split(config, FLAGS.split)
             if FLAGS.recalibrate_bn:
-                models = evaluation.recalibrate_models(models, config, FLAGS.recalibrate_bn)
+                models = recalibration.recalibrate_models(models, config, FLAGS.recalibrate_bn)
             results = {
                 name: evaluation.evaluate_model(model, config, split)[0]
                 for name, model in models.items()

@@ -21,7 +21,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from shufflenet_jax.process import one_line_errors, parse_flags, print_setup, setup_process
+from shufflenet_jax.cli import one_line_errors, parse_flags
+from shufflenet_jax.process import print_setup, setup_process
 from shufflenet_jax.train.checkpoints import CheckpointError
 from shufflenet_jax.train.loop import train_and_evaluate
 from shufflenet_jax.train.workdir import WorkdirError
@@ -82,7 +83,12 @@ def main(argv):
     if not FLAGS.workdir:
         raise SystemExit("error: --workdir is required (or --compile_for TARGET)")
     with one_line_errors(ValueError, RuntimeError):  # e.g. an address without a process count
-        lines = setup_process(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        lines = setup_process(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            kernels=FLAGS.config.model.kernels,
+        )
     print_setup(lines)
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)

@@ -5,7 +5,7 @@
 Prints a hash of each step's optimized HLO with source locations and stack frames removed, so
 two commits (or two machines) can be compared: the same hash means XLA runs the same program,
 and so the same speed. ShuffleNet V2 train step (SGD with momentum, `step.make_train_step`)
-and the folded inference step (`step.make_predict`), 224x224.
+and the folded inference step (`model.inference.make_predict`), 224x224.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from shufflenet_jax import kernels
 from shufflenet_jax.model import ShuffleNetV2, fold_batchnorm
+from shufflenet_jax.model.inference import make_predict, split_model
 from shufflenet_jax.train.state import TrainState
-from shufflenet_jax.train.step import make_predict, make_train_step, split_model
+from shufflenet_jax.train.step import make_train_step
 
 
 def program_text(hlo: str) -> str:
@@ -38,7 +38,6 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--save", metavar="DIR", help="also write each program's text here")
     args = p.parse_args()
-    kernels.load()  # the programs users run on the CPU call them
     model = ShuffleNetV2(args.width, rngs=nnx.Rngs(0))
     x = jnp.ones((args.batch, 224, 224, 3))
     graphdef, params, stats = split_model(model)

@@ -23,7 +23,8 @@ from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/, as train.py sees it
 
-from shufflenet_jax import evaluation  # noqa: E402
+from shufflenet_jax import sources  # noqa: E402
+from shufflenet_jax.data import calibration as calibration_data  # noqa: E402
 from shufflenet_jax.interop import export  # noqa: E402
 
 
@@ -85,10 +86,10 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     config = ConfigFileFlagParser(name="config").parse(args.config)
-    model = evaluation.load_models(config, workdir=args.workdir)["model"]
+    model = sources.load_models(config, workdir=args.workdir)["model"]
     batch = config.train.eval_batch_size
-    calibration = evaluation.calibration_images(config, args.calibration_batches, batch)
-    images, source = evaluation.held_out_images(config, 10_000)
+    calibration = calibration_data.calibration_images(config, args.calibration_batches, batch)
+    images, source = calibration_data.held_out_images(config, 10_000)
     sessions = quantized_sessions(model, config.data.image_size, calibration)
     want = export.reference(model)(images).argmax(-1)
     agreement = {n: float(np.mean(s.run(None, {"images": images})[0].argmax(-1) == want))

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lab import variants
-from shufflenet_jax import kernels, ops
+from shufflenet_jax import ops
+from shufflenet_jax.compiler_options import train_compiler_options
 from shufflenet_jax.ops import conv
-from shufflenet_jax.train.step import train_compiler_options
 
 
 def _ms(fn, *args, repeats: int) -> float:
@@ -112,7 +112,6 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
-    kernels.load()  # the C++ variants
     r = args.repeats
     rng = np.random.default_rng(0)
     rows: list = []

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import imagenet  # noqa: E402
 from shufflenet_jax.aot import compile as aot  # noqa: E402
 from shufflenet_jax.aot import targets  # noqa: E402
-from shufflenet_jax.process import one_line_errors  # noqa: E402
+from shufflenet_jax.cli import one_line_errors  # noqa: E402
 
 
 def main() -> None:

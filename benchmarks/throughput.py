@@ -39,16 +39,12 @@ import optax
 from flax import nnx
 
 from lab import variants
+from shufflenet_jax.compiler_options import eval_compiler_options, train_compiler_options
 from shufflenet_jax.model import Impl, ShuffleNetV2, fold_batchnorm
+from shufflenet_jax.model.inference import make_predict, split_model
 from shufflenet_jax.process import cpu_is_default_backend, setup_process
 from shufflenet_jax.train.state import TrainState
-from shufflenet_jax.train.step import (
-    eval_compiler_options,
-    make_predict,
-    make_train_step,
-    split_model,
-    train_compiler_options,
-)
+from shufflenet_jax.train.step import make_train_step
 
 LR, MOMENTUM = 0.1, 0.9
 

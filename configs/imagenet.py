@@ -22,6 +22,9 @@ def get_config(width: str = "1.0") -> ml_collections.ConfigDict:
     c.model.width = float(width)
     c.model.num_classes = 1000
     c.model.unbiased_running_var = False  # True: PyTorch's running variance in training mode
+    # the kernel family (shufflenet_jax.ops.dispatch.KERNELS): "cpp", the C++ CPU kernels in
+    # float32 on the CPU (XLA's formulation elsewhere); "xla", XLA's everywhere
+    c.model.kernels = "cpp"
     c.model.init_from = ml_collections.FieldReference(None, field_type=str)  # model checkpoint
 
     c.data = ml_collections.ConfigDict()

@@ -35,8 +35,9 @@ import optax
 from flax import nnx
 
 from lab import variants as impls
-from shufflenet_jax import kernels, ops
+from shufflenet_jax import ops
 from shufflenet_jax.aot import hlo, targets
+from shufflenet_jax.model.inference import split_model
 from shufflenet_jax.model.network import ShuffleUnit, abstract_model, with_values
 from shufflenet_jax.train import parallel
 
@@ -220,7 +221,7 @@ def _as_pure(
 ):
     """(f, params, stats): `f(params, stats, x)` is the eval forward or the train-mode gradient,
     computed in `dtype` (float32 parameters and statistics, as in training)."""
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, stats = split_model(model)
 
     if mode == "forward":
 
@@ -486,8 +487,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.platform != "local":
         targets.check_plugin(targets.get(args.platform))
         jax.config.update("jax_platforms", "cpu")  # the plugins' own devices are not needed
-    elif jax.default_backend() == "cpu":
-        kernels.load()  # the local CPU compiles what users run there, the C++ kernels included
     print(
         f"{args.target} {args.mode} {args.dtype} for {args.platform}: batch {args.batch}, "
         f"{args.size}x{args.size}" + ("" if args.target == "net" else f", {args.channels} ch")

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lab import variants
-from shufflenet_jax import kernels, ops
+from shufflenet_jax import ops
 from shufflenet_jax.model.layers import BatchNorm
 
 Array = jax.Array
@@ -76,7 +76,7 @@ def _head(x: Array, kernel: Array) -> Array:
 
 
 def _bn_train(x: Array, scale: Array, bias: Array) -> Array:
-    return ops.batch_norm_train(x, scale, bias, 1e-5)[0]
+    return ops.batch_norm_train(x, scale, bias, 1e-5, "cpp")[0]
 
 
 def _op_cases(batch: int) -> dict[str, tuple[Callable, Callable, list[tuple]]]:
@@ -147,7 +147,6 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="case names (default: all)")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args()
-    kernels.load()  # the C++ variants
     cases = _op_cases(args.batch)
     results = {}
     for name in args.only or sorted(cases):

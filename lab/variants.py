@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from shufflenet_jax import ops
 from shufflenet_jax.model.layers import Impl
-from shufflenet_jax.ops import conv
+from shufflenet_jax.ops import conv, dispatch
 from shufflenet_jax.ops.common import accumulation_dtype
 
 Array = jax.Array
@@ -42,12 +42,12 @@ DENSE = {
     "lax": ops.conv_lax,
     "im2col": conv.conv_im2col,
     "taps": conv.conv_taps,
-    "native": ops.conv_native,
+    "cpp": ops.conv_cpp,
 }
 DEPTHWISE = {
     "lax": ops.depthwise_lax,
     "shifted": conv.depthwise_shifted,
-    "native": ops.depthwise_native,
+    "cpp": ops.depthwise_cpp,
 }
 POINTWISE = {"lax": ops.pointwise_lax, "dot": ops.pointwise_dot, "einsum": pointwise_einsum}
 SHUFFLE = {
@@ -55,8 +55,10 @@ SHUFFLE = {
     "stack": channel_shuffle_stack,
     "gather": channel_shuffle_gather,
 }
-FUSED = {"native": True, "layers": False}
+FUSED = {"fused": True, "layers": False}
+KERNELS = {name: name for name in dispatch.KERNELS}
 CATALOGS = {
+    "kernels": KERNELS,
     "dense": DENSE,
     "depthwise": DEPTHWISE,
     "pointwise": POINTWISE,

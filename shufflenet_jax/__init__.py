@@ -1,9 +1,12 @@
 """ShuffleNet V2 in JAX / Flax NNX.
 
-`model` (the network, which model a config describes, its file format), `ops` (array
-functions, XLA or C++ chosen at lowering), `kernels` (the C++), `interop` (torchvision weights,
-comparison, export), `data` (datasets and the input pipeline), `train` (state, step, loop),
-`evaluation`, `aot` (compiling for GPUs and TPUs without them) and `process` (program setup).
+`model` (the network, its inference path, which model a config describes, its file format),
+`ops` (array functions; the kernel family chosen by the model's `Impl`), `kernels` (the C++),
+`interop` (torchvision weights, comparison, export), `data` (datasets, the input pipeline,
+calibration images), `train` (state, step, loop), `sources`, `evaluation`, `recalibration`,
+`classification`, `aot` (compiling for GPUs and TPUs without them), `process` (start-up),
+`cli` (one-line errors) and `compiler_options`. Importing this loads JAX and Flax only: no
+orbax, optax, grain or TensorFlow (tests/test_imports.py).
 """
 
 from shufflenet_jax.model import (
@@ -18,8 +21,8 @@ from shufflenet_jax.model import (
     shufflenet_v2_x1_5,
     shufflenet_v2_x2_0,
 )
+from shufflenet_jax.model.inference import predictor
 from shufflenet_jax.ops import channel_shuffle
-from shufflenet_jax.train.step import predictor
 
 __all__ = [
     "STAGE_NAMES",

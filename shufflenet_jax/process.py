@@ -1,5 +1,7 @@
-"""Program-wide setup, in one explicit function that train.py, eval.py and the benchmarks call
-first: host malloc, multi-host initialization, the C++ kernels. Importing it changes nothing.
+"""Process start-up, in one explicit function that train.py, eval.py and the benchmarks call
+first: host malloc, multi-host initialization, the chosen kernel family's C++ built and
+registered. Importing it changes nothing. A training loop of one's own calls it too: part of
+the CPU speed is the malloc setting below (docs/architecture.md).
 
 Host memory: XLA:CPU allocates each execution's temporary buffer (hundreds of MB for a train
 step) with malloc from one of its worker threads. glibc serves an allocation that large from a
@@ -10,7 +12,6 @@ mmap off and no trimming, makes the next step reuse the same pages.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import importlib.metadata
@@ -19,10 +20,11 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator
 
 import jax
-from absl import app, flags
+from absl import flags
+
+from shufflenet_jax.ops.dispatch import check_kernels
 
 # glibc's <malloc.h> parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -85,12 +87,15 @@ def setup_process(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    kernels: str = "cpp",
 ) -> list[str]:
     """Process-wide settings, to call before any JAX computation; returns what it did, a line
     each, for the program's log.
 
-    On the CPU backend: `reuse_freed_host_memory`, and the C++ kernels built or loaded
-    (`kernels.load()`; tracing only asks whether they are), before `jax.distributed.initialize`
+    On the CPU backend: `reuse_freed_host_memory`, and with the "cpp" `kernels` family (the
+    one the program's models are given, `Impl.kernels`) the C++ kernels built or loaded
+    (`kernels.load()`, else done at the first trace), before `jax.distributed.initialize`
     (CPU collectives over gloo), so that processes compiling at different speeds meet at its
     barrier rather than time out at the first collective's 30 seconds; orbax's barriers on the
     coordination service too. Multi-process when `coordinator_address` is given (the other two
@@ -100,7 +105,8 @@ def setup_process(
     checkpoint read or write out of the output.
     """
     lines = [_setup_malloc()]
-    if cpu_is_default_backend():
+    cpp = check_kernels(kernels) == "cpp"
+    if cpp and cpu_is_default_backend():
         lines.append(_load_kernels())
     cluster = None if coordinator_address else cluster_environment()
     if coordinator_address or cluster:
@@ -111,7 +117,7 @@ def setup_process(
         count = jax.process_count() if num_processes is None else num_processes
         lines.append(f"distributed: process {index} of {count} ({source})")
         lines.append(_orbax_barriers_on_coordination_service())
-    if not cpu_is_default_backend() and jax.default_backend() == "cpu":
+    if cpp and not cpu_is_default_backend() and jax.default_backend() == "cpu":
         lines.append(_load_kernels())  # an accelerator plugin without its device: the CPU runs
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
@@ -197,43 +203,3 @@ def _setup_malloc() -> str:
     if reuse_freed_host_memory():
         return "host malloc: freed memory kept for reuse (XLA:CPU's step buffers)"
     return "host malloc: defaults (the C library is not glibc)"
-
-
-TRACEBACK_ENV = "SHUFFLENET_JAX_TRACEBACK"  # set to 1 for full tracebacks instead of one line
-
-
-@contextlib.contextmanager
-def one_line_errors(*kinds: type[BaseException]) -> Iterator[None]:
-    """The errors of `kinds` raised in the block end the program with "error: MESSAGE" on one
-    line and exit status 1 (a traceback only when $SHUFFLENET_JAX_TRACEBACK is set)."""
-    try:
-        yield
-    except kinds as e:
-        if os.environ.get(TRACEBACK_ENV):
-            raise
-        raise SystemExit(f"error: {e}") from None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing for `app.run(..., flags_parser=parse_flags)`, with a bad config
-    override (a field the config does not have, a value of the wrong type) as one line."""
-    with one_line_errors(ValueError, TypeError):
-        try:
-            rest = app.parse_flags_with_usage(argv)
-            _check_config_file()
-            return rest
-        except (AttributeError, KeyError) as e:
-            raise ValueError(
-                f"the config has no field {str(e).strip(chr(34))} (overrides are "
-                "--config.SECTION.FIELD=VALUE; sections: model, data, optim, train)"
-            ) from e
-
-
-def _check_config_file() -> None:
-    """A --config path that names no file, as one line naming it (ml_collections reports it
-    only when the config is first read, as "Failed loading config file config_config")."""
-    if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
-        return
-    path = flags.FLAGS["config"].config_filename.split(":")[0]
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path}: no such file")

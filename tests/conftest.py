@@ -23,15 +23,6 @@ if importlib.util.find_spec("torch") is not None:
     import torch._dynamo  # noqa: E402, F401
 
 
-@pytest.fixture(scope="session", autouse=True)
-def cpu_kernels_loaded():
-    """The C++ kernels loaded, as `setup_process` loads them for programs on the CPU, so that
-    the tests run the path users run (tests of their absence unload them with monkeypatch)."""
-    from shufflenet_jax import kernels
-
-    kernels.load()
-
-
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
     """A TFDS data_dir holding the prepared `digits` dataset (about a second to make)."""

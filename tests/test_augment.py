@@ -12,8 +12,9 @@ from flax import nnx
 
 from shufflenet_jax import ShuffleNetV2
 from shufflenet_jax.data import augment
+from shufflenet_jax.model.inference import split_model
 from shufflenet_jax.train.state import TrainState
-from shufflenet_jax.train.step import make_train_step, split_model
+from shufflenet_jax.train.step import make_train_step
 
 GRAY = np.array(augment.GRAY_WEIGHTS, np.float32)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from shufflenet_jax.interop import compare, convert
 from shufflenet_jax.interop.compare import random_torchvision_model
 from shufflenet_jax.interop.convert import load_torchvision
-from shufflenet_jax.model.checkpoint import read_model_config, restore_model
+from shufflenet_jax.model.model_file import read_model_config, restore_model
 
 pytestmark = pytest.mark.torch
 
@@ -29,7 +29,7 @@ def weights_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint_dir(weights_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "x0_5"
-    convert.main(["--torch", str(weights_file), "--out", str(out)])
+    convert.main(["--torch_weights", str(weights_file), "--out", str(out)])
     return out
 
 
@@ -60,9 +60,9 @@ def test_to_torch_writes_the_original_state_dict(weights_file, checkpoint_dir, t
 
 
 def test_restoring_with_another_width_or_class_count_fails(checkpoint_dir):
-    with pytest.raises(ValueError, match=r"holds a 0\.5x model, but width 1\.0 was requested"):
+    with pytest.raises(ValueError, match=r"holds a 0\.5x model with \d+ classes, but 1\.0x with"):
         restore_model(checkpoint_dir, width=1.0)
-    with pytest.raises(ValueError, match="10 classes, but num_classes=1000"):
+    with pytest.raises(ValueError, match="10 classes, but 0.5x with 1000 classes"):
         restore_model(checkpoint_dir, num_classes=1000)
 
 
@@ -73,11 +73,11 @@ def test_restoring_a_directory_that_is_no_checkpoint_fails(tmp_path):
 
 def test_convert_refuses_to_overwrite_and_reports_bad_weights(checkpoint_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        convert.main(["--torch", "x.pth", "--out", str(checkpoint_dir)])
+        convert.main(["--torch_weights", "x.pth", "--out", str(checkpoint_dir)])
     assert e.value.code == 2 and "exists; refusing to overwrite" in capsys.readouterr().err
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
     with pytest.raises(SystemExit) as e:
-        convert.main(["--torch", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "o")])
+        convert.main(["--torch_weights", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "o")])
     assert e.value.code == 1
     assert "missing key 'stage2.0.branch1.2.weight'" in capsys.readouterr().err
 
@@ -86,7 +86,7 @@ def test_a_file_that_is_not_torch_weights_is_one_line_naming_it(tmp_path, capsys
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     with pytest.raises(SystemExit) as e:
-        convert.main(["--torch", str(notes), "--out", str(tmp_path / "o")])
+        convert.main(["--torch_weights", str(notes), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "notes.txt as a torch weights file" in err[0]
     assert not (tmp_path / "o").exists()
@@ -96,7 +96,7 @@ def test_compare_with_weights_and_an_image_agrees(weights_file, tmp_path, capsys
     pixels = np.random.default_rng(0).integers(0, 256, (260, 300, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=90)
     compare.main(
-        ["--width", "0.5", "--weights", str(weights_file)]
+        ["--width", "0.5", "--torch_weights", str(weights_file)]
         + ["--image", str(tmp_path / "photo.jpg"), "--json"]
     )
     report = json.loads(capsys.readouterr().out)
@@ -161,3 +161,23 @@ def test_eval_of_a_bad_model_source_is_one_line_naming_it(source, tmp_path):
     )  # fmt: skip
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "main, old",
+    [(convert.main, "--torch"), (compare.main, "--weights")],
+    ids=["convert", "compare"],
+)
+def test_a_torchvision_files_old_option_name_still_works_and_says_it_is_deprecated(
+    main, old, tmp_path, capsys
+):
+    """Every program names a torchvision file `--torch_weights`; convert's `--torch` and
+    compare's `--weights` are kept for a release as aliases that print one deprecation line."""
+    missing = str(tmp_path / "missing.pth")
+    with pytest.raises(SystemExit):
+        main(
+            [old, missing, "--out", str(tmp_path / "o")] if main is convert.main else [old, missing]
+        )
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"warning: {old} is deprecated and will be removed; use --torch_weights"
+    assert err[-1].startswith("error: ") and "missing.pth" in err[-1]

@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from configs import digits as digits_config
-from shufflenet_jax import evaluation, predictor
+from shufflenet_jax import classification, evaluation, predictor, recalibration, sources
 from shufflenet_jax.data import normalization
 from shufflenet_jax.data import pipeline as input_pipeline
 from shufflenet_jax.interop.compare import randomize_batchnorm
-from shufflenet_jax.model import checkpoint
+from shufflenet_jax.model import model_file
 from shufflenet_jax.model.network import abstract_model
 from shufflenet_jax.train.loop import train_and_evaluate
 
@@ -34,7 +34,7 @@ def trained(digits_data_dir, tmp_path_factory):
 
 def test_eval_of_a_training_run_reports_the_loops_final_top1(trained):
     config, workdir, loop = trained
-    models = evaluation.load_models(config, workdir=workdir)
+    models = sources.load_models(config, workdir=workdir)
     assert set(models) == {"model", "ema"}
     split = evaluation.eval_split(config)
     metrics, predictions = evaluation.evaluate_model(models["model"], config, split)
@@ -43,7 +43,7 @@ def test_eval_of_a_training_run_reports_the_loops_final_top1(trained):
     ema, _ = evaluation.evaluate_model(models["ema"], config, split)
     assert ema["top1"] == loop["ema_top1"]
     (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
-    from_best = evaluation.load_models(config, checkpoint_dir=best)["model"]
+    from_best = sources.load_models(config, checkpoint_dir=best)["model"]
     assert evaluation.evaluate_model(from_best, config, split)[0]["top1"] == loop["top1"]
 
 
@@ -55,7 +55,7 @@ def test_a_training_run_is_restored_for_evaluation_without_an_optimizer(trained,
 
     config, workdir, loop = trained
     monkeypatch.setattr(optim, "make_optimizer", no_optimizer)
-    models = evaluation.load_models(config, workdir=workdir)
+    models = sources.load_models(config, workdir=workdir)
     split = evaluation.eval_split(config)
     assert evaluation.evaluate_model(models["ema"], config, split)[0]["top1"] == loop["ema_top1"]
 
@@ -97,7 +97,7 @@ def test_torchvision_weights_give_torchvisions_predictions(digits_data_dir, tmp_
     torch.save(reference.state_dict(), tmp_path / "x0_5.pth")
     config = small_config(digits_data_dir)
     split = evaluation.eval_split(config)
-    model = evaluation.load_models(config, torch_weights=tmp_path / "x0_5.pth")["model"]
+    model = sources.load_models(config, torch_weights=tmp_path / "x0_5.pth")["model"]
 
     expected = np.full(len(split), -1)
     transform = input_pipeline.EvalTransform(config.data.image_size, config.data.eval_resize)
@@ -129,7 +129,7 @@ def test_recalibrated_batchnorm_holds_the_cumulative_average_of_batch_statistics
     nnx.update(model, random_values(model, seed=2))
     rng = np.random.default_rng(0)
     batches = [{"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32)} for _ in range(3)]
-    recalibrated = evaluation.recalibrate_batchnorm(model, iter(batches), 3)
+    recalibrated = recalibration.recalibrate_batchnorm(model, iter(batches), 3)
     kernel = np.asarray(model.conv1.layers[0].kernel[...])
     means, variances = [], []
     for b in batches:
@@ -147,7 +147,7 @@ def test_recalibrated_batchnorm_holds_the_cumulative_average_of_batch_statistics
 
 
 def test_classify_images_names_imagenet_classes_and_the_unreadable_file(tmp_path):
-    names = evaluation.imagenet_class_names()
+    names = classification.imagenet_class_names()
     assert len(names) == 1000 and names[0] == "tench" and names[207] == "golden retriever"
     model = abstract_model(0.5, 1000)
     nnx.update(model, random_values(model, seed=3))
@@ -160,7 +160,7 @@ def test_classify_images_names_imagenet_classes_and_the_unreadable_file(tmp_path
     model.fc.kernel[...] *= 3.0 / np.max(np.abs(predictor(model)(image[None])))
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 broken")
     paths = [str(tmp_path / "bad.jpg"), str(tmp_path / "a.jpg")]
-    bad, good = evaluation.classify_images(model, paths, transform, names)
+    bad, good = classification.classify_images(model, paths, transform, names)
     assert "bad.jpg" in bad["error"] and "cannot decode" in bad["error"]
     assert len(good["top"]) == 5
     probs = [t["probability"] for t in good["top"]]
@@ -180,17 +180,17 @@ def test_eval_refuses_mismatched_models_missing_splits_and_ambiguous_sources(
 ):
     model = abstract_model(0.5, 1000)
     nnx.update(model, random_values(model, seed=4))
-    checkpoint.save_model(tmp_path / "x0_5", model)
+    model_file.save_model(tmp_path / "x0_5", model)
     config = digits_config.get_config()
     config.data.data_dir = digits_data_dir
-    with pytest.raises(ValueError, match="holds a 0.5x model with 1000 classes; the config asks"):
-        evaluation.load_models(config, checkpoint_dir=tmp_path / "x0_5")
+    with pytest.raises(ValueError, match="a 0.5x model with 1000 classes, but 0.5x with 10 "):
+        sources.load_models(config, checkpoint_dir=tmp_path / "x0_5")
     with pytest.raises(ValueError, match="no split 'validation'"):
         evaluation.eval_split(config, "validation")
     with pytest.raises(ValueError, match="exactly one of"):
-        evaluation.load_models(config, workdir=tmp_path, checkpoint_dir=tmp_path / "x0_5")
+        sources.load_models(config, workdir=tmp_path, checkpoint_dir=tmp_path / "x0_5")
     with pytest.raises(ValueError, match="no usable training checkpoint"):
-        evaluation.load_models(config, workdir=tmp_path / "empty")
+        sources.load_models(config, workdir=tmp_path / "empty")
 
 
 def test_a_training_run_evaluates_over_eight_devices_as_over_one(trained):
@@ -202,7 +202,7 @@ def test_a_training_run_evaluates_over_eight_devices_as_over_one(trained):
     for devices in (1, 8):
         c = set_fields(digits_config.get_config(), data_dir=config.data.data_dir,
                        num_devices=devices, eval_batch_size=128)  # fmt: skip
-        model = evaluation.load_models(c, workdir=workdir)["model"]
+        model = sources.load_models(c, workdir=workdir)["model"]
         results[devices] = evaluation.evaluate_model(model, c, split)
     assert results[8][0]["examples"] == results[1][0]["examples"] == 359
     # each image's float32 logits on 8 devices and on 1 agree to rounding (other compiled

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
-from shufflenet_jax import evaluation
+from shufflenet_jax import evaluation, sources
+from shufflenet_jax.data import calibration as calibration_data
 from shufflenet_jax.interop import export
 from shufflenet_jax.model.network import abstract_model, with_values
 
@@ -134,7 +135,7 @@ def test_bad_requests_are_one_clear_line(model, tmp_path):
 
 @EXPORT
 def test_export_cli_refuses_a_checkpoint_of_other_classes_in_one_line(tmp_path):
-    from shufflenet_jax.model.checkpoint import save_model
+    from shufflenet_jax.model.model_file import save_model
 
     save_model(tmp_path / "ckpt", random_model())
     out = subprocess.run(
@@ -155,7 +156,7 @@ def trained(quickstart_run):
     test split, the run's workdir)"""
     _, data_dir, workdir, output = quickstart_run
     config = set_fields(digits_config.get_config(), data_dir=data_dir, num_devices=1)
-    model = evaluation.load_models(config, workdir=workdir)["model"]
+    model = sources.load_models(config, workdir=workdir)["model"]
     top1 = float(re.search(r"final eval: top-1 ([\d.]+)", output).group(1))
     return config, model, top1, workdir
 
@@ -164,8 +165,8 @@ def trained(quickstart_run):
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_int8_exports_classify_digits_like_the_float_model(trained, tmp_path, fmt):
     config, model, top1, _ = trained
-    calibration = evaluation.calibration_images(config, 4, 64)
-    images, source = evaluation.held_out_images(config, 10_000)
+    calibration = calibration_data.calibration_images(config, 4, 64)
+    images, source = calibration_data.held_out_images(config, 10_000)
     out = tmp_path / f"q{export.SUFFIXES[fmt]}"
     report = export.export(
         model, fmt, out, image_size=SIZE, batch=1, calibration=calibration,
@@ -208,7 +209,7 @@ def test_int8_onnx_products_cannot_saturate_without_vnni(trained, tmp_path):
     config, model, _, _ = trained
     out = tmp_path / "q.onnx"
     export.export(model, "onnx", out, image_size=SIZE, calibration=
-                  evaluation.calibration_images(config, 2, 64))  # fmt: skip
+                  calibration_data.calibration_images(config, 2, 64))  # fmt: skip
     bound = export.u8s8_pair_sum_bound(out.read_bytes())
     assert 0 < bound <= export.INT16_MAX, bound
     # the worst pair of adjacent reduction-axis products over real weights, activations at 255
@@ -297,14 +298,14 @@ def test_export_of_a_bad_source_is_one_line_naming_it(trained, tmp_path):
 
 @pytest.mark.os_level  # which directory holds the model: the first leg's (the quickstart's run)
 def test_a_run_directory_is_read_as_its_best_model_at_its_image_size(trained):
-    from shufflenet_jax.model import checkpoint
+    from shufflenet_jax.model import model_file
 
     config, _, _, workdir = trained
     (best,) = [p for p in (workdir / "best").iterdir() if p.name.isdigit()]
     for given in (workdir, workdir / "best"):
-        assert checkpoint.model_directory(given) == str(best)
-        assert checkpoint.read_model_config(given)["image_size"] == SIZE
-    models = evaluation.load_models(config, checkpoint_dir=workdir)  # eval.py --checkpoint RUN
-    want = export.reference(checkpoint.restore_model(best))(export.check_input(SIZE, 2))
+        assert model_file.model_directory(given) == str(best)
+        assert model_file.read_model_config(given)["image_size"] == SIZE
+    models = sources.load_models(config, checkpoint_dir=workdir)  # eval.py --checkpoint RUN
+    want = export.reference(model_file.restore_model(best))(export.check_input(SIZE, 2))
     got = export.reference(models["model"])(export.check_input(SIZE, 2))
     np.testing.assert_array_equal(got, want)

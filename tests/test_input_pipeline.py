@@ -236,6 +236,7 @@ def test_the_eval_step_normalizes_uint8_crops_as_the_host_eval_transform_does(te
     float images. Bounds: the inputs within 1e-6 (as above); the summed loss of 8 images within
     1e-4 relative (a random 0.5x network in eval mode moves float32 rounding of its input by a
     few 1e-6; skipping the normalization changes the loss by orders of magnitude)."""
+    from shufflenet_jax.model.inference import split_model
     from shufflenet_jax.model.network import abstract_model
     from shufflenet_jax.train import step
 
@@ -251,7 +252,7 @@ def test_the_eval_step_normalizes_uint8_crops_as_the_host_eval_transform_does(te
 
     model = abstract_model(0.5, 10)
     nnx.update(model, random_values(model, seed=0))
-    graphdef, params, stats = step.split_model(model)
+    graphdef, params, stats = split_model(model)
     eval_step = step.make_eval_step(graphdef)
     on_uint8, _ = eval_step(params, stats, batch)
     on_host, _ = eval_step(params, stats, {**batch, "image": host})

@@ -124,7 +124,7 @@ def test_a_region_outside_the_image_is_an_error_naming_it():
 
 def test_without_the_library_crops_are_pillows_with_a_warning(monkeypatch):
     def no_build(*args, **kwargs):
-        raise build.NativeBuildError("compiling jpeg.cc failed: jpeglib.h: No such file")
+        raise build.CppBuildError("compiling jpeg.cc failed: jpeglib.h: No such file")
 
     data = photo_jpeg(300, 200, KINDS[2])
     expected = ip.TrainTransform(image_size=32)(data, np.random.default_rng(1))

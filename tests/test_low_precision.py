@@ -20,6 +20,7 @@ from flax import nnx
 from lab import variants
 from lab.precision import OP_CASES, op_errors, relative_error, rounded_normal
 from shufflenet_jax import ops
+from shufflenet_jax.model.inference import split_model
 from shufflenet_jax.model.network import ShuffleNetV2, with_values
 
 BF16_BOUND = 1e-2
@@ -47,7 +48,7 @@ def _network_grads(model, images, cotangent, dtype):
     """Logits and parameter gradients of sum(logits * cotangent) for the eval-mode network
     with parameters and images cast to dtype, as training casts them (BatchNorm statistics in
     float32, or float64 for float64)."""
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, stats = split_model(model)
     stats = jax.tree.map(lambda s: s.astype(ops.accumulation_dtype(dtype)), stats)
 
     def loss(params, stats, images, cotangent):

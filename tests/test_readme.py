@@ -45,14 +45,13 @@ def test_the_kernels_command_builds_all_of_the_packages_cpp():
     assert lines[1:] == ["C++ JPEG decoder: built", "C++ resize: built"]
 
 
-# README's Python example at a small width and size: load the kernels, predict a random batch
-# (saved to the path given)
+# README's Python example at a small width and size: the default kernel family ("cpp", built on
+# first use), predict a random batch (saved to the path given)
 RUN_EXAMPLE = """
 import sys
 import jax, numpy as np
 from flax import nnx
-from shufflenet_jax import ShuffleNetV2, kernels, predictor
-kernels.load()
+from shufflenet_jax import ShuffleNetV2, predictor
 model = ShuffleNetV2(width=0.5, num_classes=10, rngs=nnx.Rngs(0))
 x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
 np.save(sys.argv[1], np.asarray(predictor(model)(x)))

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from configs import digits as digits_config
-from shufflenet_jax import evaluation
+from shufflenet_jax import evaluation, sources
 from shufflenet_jax.data import pipeline as input_pipeline
 
 from .helpers import ROOT, run_readme_command, set_fields
@@ -80,7 +80,7 @@ def test_eval_py_gives_the_runs_numbers_for_its_workdir_its_best_model_and_its_i
 
     config = set_fields(digits_config.get_config(), data_dir=data_dir)
     split = evaluation.eval_split(config)
-    model = evaluation.load_models(config, checkpoint_dir=workdir)["model"]
+    model = sources.load_models(config, checkpoint_dir=workdir)["model"]
     metrics, predictions = evaluation.evaluate_model(model, config, split)
     assert metrics["top1"] == best["model"]["top1"]
     paths = []

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from shufflenet_jax import ShuffleNetV2
-from shufflenet_jax.model import checkpoint
+from shufflenet_jax.model import model_file
 from shufflenet_jax.train import checkpoints, workdir
 from shufflenet_jax.train.loop import train_and_evaluate
 
@@ -183,9 +183,9 @@ def test_a_model_checkpoint_with_non_finite_values_is_refused_naming_the_leaf(tm
     model.conv5.layers[0].kernel[...] = (
         model.conv5.layers[0].kernel[...].at[0, 0, 0, 0].set(jnp.inf)
     )
-    checkpoint.save_model(tmp_path / "m", model)
+    model_file.save_model(tmp_path / "m", model)
     with pytest.raises(ValueError, match=r"non-finite values at conv5\.layers\.0\.kernel"):
-        checkpoint.restore_model(tmp_path / "m")
+        model_file.restore_model(tmp_path / "m")
 
 
 def _limit_file_size(limit: int):

@@ -80,7 +80,7 @@ def test_a_window_holding_the_source_pixels_gives_the_whole_images_crop(box):
 
 def test_without_a_compiler_the_crop_is_pillows_with_a_warning(monkeypatch):
     def no_build(*args, **kwargs):
-        raise build.NativeBuildError("C++ compiler 'none' not found")
+        raise build.CppBuildError("C++ compiler 'none' not found")
 
     monkeypatch.setattr(build, "build_library", no_build)
     resample._resize_rgb.cache_clear()

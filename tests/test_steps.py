@@ -6,7 +6,9 @@ import pytest
 from flax import nnx
 
 from shufflenet_jax import ops
+from shufflenet_jax.compiler_options import eval_compiler_options, train_compiler_options
 from shufflenet_jax.model.folded import fold_batchnorm
+from shufflenet_jax.model.inference import make_predict, predictor, split_model
 from shufflenet_jax.model.layers import BatchNorm, Bias, Impl
 from shufflenet_jax.model.network import (
     ShuffleUnit,
@@ -15,14 +17,7 @@ from shufflenet_jax.model.network import (
     with_values,
 )
 from shufflenet_jax.train.state import TrainState
-from shufflenet_jax.train.step import (
-    eval_compiler_options,
-    make_predict,
-    make_train_step,
-    predictor,
-    split_model,
-    train_compiler_options,
-)
+from shufflenet_jax.train.step import make_train_step
 from tests.helpers import random_values
 
 

@@ -22,7 +22,7 @@ from configs import imagenet as imagenet_config
 from configs import imagenet_cosine
 from shufflenet_jax.data import augment, configured
 from shufflenet_jax.data import pipeline as input_pipeline
-from shufflenet_jax.model import checkpoint
+from shufflenet_jax.model import model_file
 from shufflenet_jax.model.layers import Conv2d
 from shufflenet_jax.model.network import abstract_model
 from shufflenet_jax.train import checkpoints, hooks, optim, parallel, step
@@ -390,7 +390,7 @@ def nudged_model_dir(config, directory, spacings):
         nnx.state(model, nnx.Param),
     )
     nnx.update(model, jax.tree.map(lambda p: p.astype(np.float32), params))
-    checkpoint.save_model(directory, model)
+    model_file.save_model(directory, model)
     return str(directory)
 
 
@@ -557,7 +557,7 @@ def test_fine_tuning_starts_from_a_converted_checkpoint_with_a_new_head(tmp_path
     pretrained = abstract_model(0.5, 1000)
     values = jax.tree.map(lambda v: np.asarray(v, np.float32), random_values(pretrained, seed=1))
     nnx.update(pretrained, values)
-    checkpoint.save_model(tmp_path / "x0_5", pretrained, source="test")
+    model_file.save_model(tmp_path / "x0_5", pretrained, source="test")
     config = digits_config.get_config()
     config.model.init_from = str(tmp_path / "x0_5")
     model = create_model(config)

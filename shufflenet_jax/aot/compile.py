@@ -18,13 +18,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
 from shufflenet_jax.aot import hlo
 from shufflenet_jax.aot.targets import Target, make_mesh, platform, usable_bytes
 from shufflenet_jax.model.config import model_kwargs
+from shufflenet_jax.model.inference import split_model
 from shufflenet_jax.model.network import abstract_model
 from shufflenet_jax.train import optim, parallel, step
 from shufflenet_jax.train.state import abstract_state
@@ -64,7 +64,7 @@ def _on(tree: Any, sharding: Any) -> Any:
 def steps_on(config: Any, mesh: Mesh, backend: str) -> Steps:
     """train.py's train and eval steps for `config` over `mesh`, with `backend`'s options."""
     model = abstract_model(**model_kwargs(config))
-    graphdef, params, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, _ = split_model(model)
     tx = optim.make_optimizer(config, params)
     train = step.train_step_for(config, graphdef, tx, mesh, backend)
     return Steps(config, mesh, train, step.make_eval_step(graphdef, mesh, backend))

@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from shufflenet_jax.data.codec_library import load_or_warn
+from shufflenet_jax.kernels.build import load_or_warn
 
 _MAGIC = b"\xff\xd8"  # start of image
 
@@ -17,7 +17,7 @@ _MAGIC = b"\xff\xd8"  # start of image
 @functools.cache
 def _library():
     """The C++ functions, or None (with one warning) where they do not build here."""
-    library = load_or_warn("jpeg.cc", "C++ JPEG decoder", ("jpeg",))
+    library, _ = load_or_warn("jpeg.cc", "C++ JPEG decoder", "using Pillow's", ("jpeg",))
     if library is None:
         return None
     i64, out = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from shufflenet_jax.data.codec_library import load_or_warn
+from shufflenet_jax.kernels.build import load_or_warn
 
 Box = tuple[float, float, float, float]
 
@@ -18,7 +18,7 @@ Box = tuple[float, float, float, float]
 @functools.cache
 def _resize_rgb():
     """The C++ function, or None (with one warning) where the library does not build here."""
-    library = load_or_warn("resample.cc", "C++ resize")
+    library, _ = load_or_warn("resample.cc", "C++ resize", "using Pillow's")
     if library is None:
         return None
     f = library.ShufflenetResizeRgb

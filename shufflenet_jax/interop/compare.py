@@ -1,6 +1,6 @@
 """Run torchvision and the converted JAX model on the same input and report their differences.
 
-    python -m shufflenet_jax.interop.compare --width 1.0 [--weights W.pth] [--image F] [--json]
+    python -m shufflenet_jax.interop.compare --width 1.0 [--torch_weights W.pth] [--image F] [--json]
 
 Without --weights, torchvision's model gets random weights and random BatchNorm running
 statistics (not the identity defaults, which would hide layout mistakes). Both models run in
@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
-from shufflenet_jax import kernels
+from shufflenet_jax.cli import add_torch_weights
 from shufflenet_jax.interop.convert import load_torch_state_dict, load_torchvision
+from shufflenet_jax.model.inference import predictor
+from shufflenet_jax.model.layers import Impl
 from shufflenet_jax.model.network import STAGE_NAMES, ShuffleNetV2, check_width
+from shufflenet_jax.ops.dispatch import KERNELS
 
 TORCHVISION_BUILDERS = {
     0.5: "shufflenet_v2_x0_5",
@@ -76,8 +78,8 @@ def torch_stages(model: Any, x_nhwc: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def jax_stages(model: ShuffleNetV2, x_nhwc: np.ndarray) -> dict[str, np.ndarray]:
-    """Every stage's output and the logits of the JAX model, compiled."""
-    out = nnx.jit(lambda m, x: m.stages(x))(model, x_nhwc)
+    """Every stage's output and the logits of the JAX model in inference, compiled."""
+    out = predictor(model, stages=True)(x_nhwc)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -115,18 +117,21 @@ def compare(
     size: int = 224,
     batch: int = 2,
     seed: int = 0,
+    kernels: str = "cpp",
 ) -> dict[str, Any]:
-    """Build both models, run them on one input, and return the differences and top-5s."""
+    """Build both models, run them on one input, and return the differences and top-5s; the
+    JAX model computes with the `kernels` family (`model.layers.Impl`)."""
     import torch
     import torchvision
 
     width = check_width(width)
     if weights is None:
         torch_model = random_torchvision_model(width, seed=seed)
-        jax_model = load_torchvision(torch_model, width)
+        jax_model = load_torchvision(torch_model, width, impl=Impl(kernels=kernels))
     else:
         state_dict = load_torch_state_dict(weights)
-        jax_model = load_torchvision(state_dict, width)  # checks keys, shapes and width
+        # checks keys, shapes and width
+        jax_model = load_torchvision(state_dict, width, impl=Impl(kernels=kernels))
         torch_model = getattr(torchvision.models, TORCHVISION_BUILDERS[width])(
             weights=None, num_classes=jax_model.num_classes
         )
@@ -176,8 +181,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--width", default="1.0", help="0.5, 1.0, 1.5 or 2.0")
+    add_torch_weights(parser, "--weights", help="torchvision weights (default: random)")
     parser.add_argument(
-        "--weights", metavar="PATH.pth", help="torchvision weights (default random)"
+        "--kernels", default="cpp", choices=list(KERNELS), help="the JAX side's kernel family"
     )
     parser.add_argument("--image", metavar="FILE", help="an image (default: random input)")
     parser.add_argument("--size", type=int, default=224, help="random input size (default 224)")
@@ -185,9 +191,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    kernels.load()  # the JAX side as programs on the CPU run it
     try:
-        report = compare(args.width, args.weights, args.image, args.size, args.batch, args.seed)
+        report = compare(
+            args.width, args.torch_weights, args.image, args.size, args.batch, args.seed,
+            args.kernels,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         parser.exit(1, f"error: {e}\n")
     print(json.dumps(report) if args.json else format_report(report))

@@ -1,6 +1,6 @@
 """Convert torchvision ShuffleNet V2 weights to this package's model and back.
 
-    python -m shufflenet_jax.interop.convert --torch shufflenetv2_x1-5666bf0f80.pth --out ckpt/x1_0
+    python -m shufflenet_jax.interop.convert --torch_weights shufflenetv2_x1-5666bf0f80.pth --out ckpt/x1_0
     python -m shufflenet_jax.interop.convert --to-torch --checkpoint ckpt/x1_0 --out x1_0.pth
 
 The mapping is a rule, not a table: each numeric part of a torchvision key indexes an
@@ -25,7 +25,7 @@ from shufflenet_jax.model.network import (
     STAGE_OUT_CHANNELS,
     ShuffleNetV2,
     abstract_model,
-    check_width,
+    check_expected,
     with_values,
 )
 
@@ -206,15 +206,12 @@ def load_torchvision(
     """
     state_dict = load_torch_state_dict(source)
     found_width, found_classes = infer_width(state_dict), infer_num_classes(state_dict)
-    if width is not None and check_width(width) != found_width:
-        raise WeightMismatchError(
-            f"the weights are for width {found_width}x (judged from the shapes of "
-            f"stage2.0.branch1.2.weight and conv5.0.weight), but width {width} was requested"
-        )
-    if num_classes is not None and num_classes != found_classes:
-        raise WeightMismatchError(
-            f"the weights have {found_classes} classes, but num_classes={num_classes} was requested"
-        )
+    where = os.fspath(source) if isinstance(source, str | os.PathLike) else "the state_dict"
+    where += " (judged from the shapes of stage2.0.branch1.2.weight, conv5.0.weight and fc.weight)"
+    try:
+        check_expected(where, found_width, found_classes, width, num_classes)
+    except ValueError as e:
+        raise WeightMismatchError(str(e)) from None
     abstract = abstract_model(found_width, found_classes, **model_kwargs)
     return with_values(abstract, torch_to_values(state_dict, abstract))
 
@@ -258,12 +255,13 @@ def _torch_order(key: str) -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from shufflenet_jax.model.checkpoint import restore_model, save_model
+    from shufflenet_jax.cli import add_torch_weights
+    from shufflenet_jax.model.model_file import restore_model, save_model
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--torch", metavar="PATH.pth", help="torchvision weights to convert")
+    add_torch_weights(parser, "--torch", help="torchvision weights (.pth) to convert")
     parser.add_argument(
         "--to-torch", action="store_true", help="convert --checkpoint DIR to a torchvision .pth"
     )
@@ -272,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--width", help="expected width (checked against the weights)")
     parser.add_argument("--num_classes", type=int, help="expected number of classes (checked)")
     args = parser.parse_args(argv)
-    if args.to_torch == (args.torch is not None):
-        parser.error("give either --torch PATH.pth, or --to-torch with --checkpoint DIR")
+    if args.to_torch == (args.torch_weights is not None):
+        parser.error("give either --torch_weights PATH.pth, or --to-torch with --checkpoint DIR")
     if os.path.exists(args.out):
         parser.error(f"--out {args.out} exists; refusing to overwrite it")
     try:
@@ -285,8 +283,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             model = restore_model(args.checkpoint, args.width, args.num_classes)
             torch.save(to_torch_state_dict(model), args.out)
         else:
-            model = load_torchvision(args.torch, args.width, args.num_classes)
-            save_model(args.out, model, source=os.path.abspath(args.torch), image_size=224)
+            model = load_torchvision(args.torch_weights, args.width, args.num_classes)
+            source = os.path.abspath(args.torch_weights)
+            save_model(args.out, model, source=source, image_size=224)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(1, f"error: {e}\n")
     print(f"wrote ShuffleNet V2 {model.width}x ({model.num_classes} classes) to {args.out}")

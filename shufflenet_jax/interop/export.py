@@ -2,7 +2,7 @@
 
     python -m shufflenet_jax.interop.export --checkpoint DIR --format onnx --out model.onnx
     python -m shufflenet_jax.interop.export --torch_weights W.pth --format tflite --out m.tflite
-    python -m shufflenet_jax.interop.export --width 0.5 --format stablehlo --out m.jaxexport
+    python -m shufflenet_jax.interop.export --random_width 0.5 --format stablehlo --out m.jaxexport
 
 Formats: `stablehlo` (`jax.export`: one file for cpu, cuda and tpu, XLA's operations only,
 weights embedded; loading it needs only jax), `onnx` (ONNX Runtime; `onnx_graph`), `tflite`
@@ -29,9 +29,17 @@ import numpy as np
 from flax import nnx
 
 from shufflenet_jax import ops
+from shufflenet_jax.cli import add_torch_weights
 from shufflenet_jax.model.folded import fold_batchnorm
+from shufflenet_jax.model.inference import predictor
 from shufflenet_jax.model.layers import Impl
-from shufflenet_jax.model.network import ShuffleNetV2, abstract_model, with_values
+from shufflenet_jax.model.network import (
+    ShuffleNetV2,
+    abstract_model,
+    check_expected,
+    check_width,
+    with_values,
+)
 
 EXPORT_IMPL = Impl(
     dense=ops.conv_lax,
@@ -262,12 +270,10 @@ def _tflite_predict(data: bytes) -> tuple[Predict, list]:
 
 
 def reference(model: ShuffleNetV2) -> Predict:
-    """The JAX model's inference (running statistics), jitted: what an export must reproduce."""
-    copy = nnx.clone(model)
-    copy.eval()
-    graphdef, state = nnx.split(copy)
-    jitted = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    return lambda images: np.asarray(jitted(state, jnp.asarray(images)))
+    """The JAX model's inference (`model.inference.predictor`, running statistics) on NumPy
+    images: what an export must reproduce."""
+    predict = predictor(model)
+    return lambda images: np.asarray(predict(jnp.asarray(images)))
 
 
 def check_input(image_size: int, batch: int, seed: int = 0) -> np.ndarray:
@@ -363,7 +369,7 @@ def _load_model(args: argparse.Namespace) -> tuple[ShuffleNetV2, int]:
     records it was trained at (a training run's best model, or converted weights: 224)."""
     trained_at = 224
     if args.checkpoint:
-        from shufflenet_jax.model.checkpoint import read_model_config, restore_model
+        from shufflenet_jax.model.model_file import read_model_config, restore_model
 
         model = restore_model(args.checkpoint, args.width, args.num_classes)
         trained_at = read_model_config(args.checkpoint).get("image_size", 224)
@@ -372,7 +378,9 @@ def _load_model(args: argparse.Namespace) -> tuple[ShuffleNetV2, int]:
 
         model = load_torchvision(args.torch_weights, args.width, args.num_classes)
     else:
-        model = ShuffleNetV2(args.width, args.num_classes or 1000, rngs=nnx.Rngs(args.seed))
+        width, classes = check_width(args.random_width), args.num_classes or 1000
+        check_expected("--random_width", width, classes, args.width)
+        model = ShuffleNetV2(width, classes, rngs=nnx.Rngs(args.seed))
     return model, args.image_size or trained_at
 
 
@@ -385,13 +393,13 @@ def _data(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--int8 needs --calibration_config CONFIG (its training images)")
     from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-    from shufflenet_jax import evaluation
+    from shufflenet_jax.data import calibration
 
     config = ConfigFileFlagParser(name="calibration_config").parse(args.calibration_config)
     batch = config.train.eval_batch_size
-    images, source = evaluation.held_out_images(config, args.check_images)
+    images, source = calibration.held_out_images(config, args.check_images)
     return {
-        "calibration": evaluation.calibration_images(config, args.calibration_batches, batch),
+        "calibration": calibration.calibration_images(config, args.calibration_batches, batch),
         "check_images": images,
         "check_source": source,
     }
@@ -408,10 +416,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     source.add_argument(
         "--checkpoint", metavar="DIR", help="a model checkpoint, or a training run (its best)"
     )
-    source.add_argument("--torch_weights", metavar="PTH", help="torchvision weights (.pth)")
-    source.add_argument("--width", help="random weights of this width (0.5, 1.0, 1.5, 2.0)")
-    parser.add_argument("--num_classes", type=int, help="expected (or, with --width, chosen)")
-    parser.add_argument("--seed", type=int, default=0, help="with --width: the weights' seed")
+    add_torch_weights(source, help="torchvision weights (.pth)")
+    source.add_argument("--random_width", help="random weights of this width (0.5 ... 2.0)")
+    parser.add_argument("--width", help="expected width (checked against the weights)")
+    parser.add_argument("--num_classes", type=int, help="expected (with --random_width: chosen)")
+    parser.add_argument("--seed", type=int, default=0, help="with --random_width: their seed")
     parser.add_argument("--format", required=True, choices=list(SUFFIXES))
     parser.add_argument("--out", required=True, metavar="FILE")
     batch = parser.add_mutually_exclusive_group()

@@ -3,15 +3,15 @@ build and cache (`build`), and the sources (`csrc/`, with the data pipeline's JP
 resize, which `data/` loads through `build`). Nothing is built on import: `load()` builds and
 registers the kernels, and tracing asks only `loaded()`."""
 
-from shufflenet_jax.kernels.build import NativeBuildError
+from shufflenet_jax.kernels.build import CppBuildError
 from shufflenet_jax.kernels.calls import (
     ConvNorm,
     DownUnitWeights,
     UnitWeights,
     batch_norm_grad_sums,
     channel_moments,
-    dense_kernel_grad,
-    depthwise_kernel_grad,
+    dense_weight_grad,
+    depthwise_weight_grad,
     load,
     loaded,
     pack_unit,
@@ -24,12 +24,12 @@ from shufflenet_jax.kernels.calls import (
 __all__ = [
     "ConvNorm",
     "DownUnitWeights",
-    "NativeBuildError",
+    "CppBuildError",
     "UnitWeights",
     "batch_norm_grad_sums",
     "channel_moments",
-    "dense_kernel_grad",
-    "depthwise_kernel_grad",
+    "dense_weight_grad",
+    "depthwise_weight_grad",
     "load",
     "loaded",
     "pack_unit",

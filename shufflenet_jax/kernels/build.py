@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -24,7 +25,7 @@ CSRC = Path(__file__).parent / "csrc"
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
 
-class NativeBuildError(RuntimeError):
+class CppBuildError(RuntimeError):
     """A C++ library could not be compiled or loaded on this machine."""
 
 
@@ -67,7 +68,7 @@ def build_library(source_path: Path, libraries: tuple[str, ...] = ()) -> Path:
     if lib.exists():
         return lib
     if shutil.which(compiler) is None:
-        raise NativeBuildError(
+        raise CppBuildError(
             f"C++ compiler {compiler!r} not found (set CXX); needed to build {source_path.name}"
         )
     cache.mkdir(parents=True, exist_ok=True)
@@ -80,15 +81,28 @@ def build_library(source_path: Path, libraries: tuple[str, ...] = ()) -> Path:
     if done.returncode != 0:
         os.unlink(tmp)
         name = source_path.name
-        raise NativeBuildError(f"compiling {name} failed:\n{' '.join(cmd)}\n{done.stderr}")
+        raise CppBuildError(f"compiling {name} failed:\n{' '.join(cmd)}\n{done.stderr}")
     os.replace(tmp, lib)
     return lib
 
 
 def load_library(name: str, libraries: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """csrc/`name` built (or found in the cache) and loaded through ctypes; NativeBuildError
+    """csrc/`name` built (or found in the cache) and loaded through ctypes; CppBuildError
     with the reason where it does not build or load here."""
     try:
         return ctypes.cdll.LoadLibrary(str(build_library(CSRC / name, libraries)))
     except OSError as e:
-        raise NativeBuildError(f"loading {name} failed: {e}") from e
+        raise CppBuildError(f"loading {name} failed: {e}") from e
+
+
+def load_or_warn(
+    name: str, what: str, instead: str, libraries: tuple[str, ...] = ()
+) -> tuple[ctypes.CDLL | None, str]:
+    """(`load_library`, ""), or (None, the reason) with one warning, "`what` unavailable,
+    `instead`: the reason", where it does not build or load here: how every user of the
+    package's C++ loads it."""
+    try:
+        return load_library(name, libraries), ""
+    except CppBuildError as e:
+        warnings.warn(f"{what} unavailable, {instead}: {e}", stacklevel=3)
+        return None, str(e)

@@ -7,20 +7,20 @@ per-channel sums as one reduction each; the C++ kernels read their inputs once. 
 with BatchNorm folded, the stem with its max-pool and each stage of units run as one call,
 keeping each image's activations in the cache between layers (docs/performance.md).
 
-Nothing here is compiled or registered until `load()` is called (`setup_process` does, for
-programs on the CPU); tracing asks only `loaded()`.
+Nothing is compiled or registered on import: `load()` does it once per process, called by
+the first trace of a model whose kernel family is "cpp" (`ops.dispatch`), by the first direct
+call here, or ahead by `setup_process` (train.py, eval.py).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shufflenet_jax.kernels.build import CSRC, NativeBuildError, build_library, load_library, march
+from shufflenet_jax.kernels.build import CSRC, build_library, load_or_warn, march
 
 Array = jax.Array
 
@@ -42,15 +42,13 @@ def load() -> bool:
     process; False, with one warning naming the reason, where they do not build here (XLA's
     formulations then run everywhere)."""
     if "loaded" not in _state:
-        try:
-            library = load_library(_SOURCE)
+        library, why = load_or_warn(_SOURCE, "C++ kernels", "XLA's formulations run")
+        _state["error"] = why
+        if library is not None:
             for target, symbol in _TARGETS.items():
                 handler = jax.ffi.pycapsule(getattr(library, symbol))
                 jax.ffi.register_ffi_target(target, handler, platform="cpu")
-            _state["loaded"] = True
-        except NativeBuildError as e:
-            _state.update(loaded=False, error=str(e))
-            warnings.warn(f"C++ kernels unavailable, XLA's formulations run: {e}", stacklevel=2)
+        _state["loaded"] = library is not None
     return bool(_state["loaded"])
 
 
@@ -68,10 +66,8 @@ def status() -> str:
 
 
 def _call(target: str, shape: tuple[int, ...], *args: Array, **attrs: float) -> Array:
-    if not loaded():
-        raise RuntimeError(
-            f"{target}: the C++ kernels are not loaded (shufflenet_jax.kernels.load())"
-        )
+    if not load():  # a direct call is a choice of the C++: built and registered on first use
+        raise RuntimeError(f"{target}: the C++ kernels are unavailable here: {_state['error']}")
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     typed = {k: np.float32(v) if isinstance(v, float) else np.int64(v) for k, v in attrs.items()}
@@ -90,21 +86,21 @@ def _conv_output_shape(x_shape, kernel_shape, stride: int) -> tuple[int, int, in
     return n, (h + 2 * ph - kh) // stride + 1, (w + 2 * pw - kw) // stride + 1, kernel_shape[3]
 
 
-def depthwise_kernel_grad(x: Array, g: Array, stride: int) -> Array:
+def depthwise_weight_grad(x: Array, g: Array, stride: int) -> Array:
     """Gradient of a 3x3 depthwise conv (padding 1) w.r.t. its HWIO kernel, on the CPU.
 
     x: the conv's float32 NHWC input; g: the gradient of its output. Returns (3, 3, 1, C).
     """
     if stride not in (1, 2):
-        raise ValueError(f"depthwise_kernel_grad: stride must be 1 or 2, got {stride}")
+        raise ValueError(f"depthwise_weight_grad: stride must be 1 or 2, got {stride}")
     c = x.shape[-1]
     want = _conv_output_shape(x.shape, (3, 3, 1, c), stride)
     if g.shape != want:
         raise ValueError(
-            f"depthwise_kernel_grad: output gradient has shape {g.shape}, expected {want} "
+            f"depthwise_weight_grad: output gradient has shape {g.shape}, expected {want} "
             f"for input {x.shape} at stride {stride}"
         )
-    _check_float32("depthwise_kernel_grad", x, g)
+    _check_float32("depthwise_weight_grad", x, g)
     dk = _call("shufflenet_depthwise_kernel_grad", (9, c), x, g, stride=stride)
     return dk.reshape(3, 3, 1, c)
 
@@ -120,14 +116,14 @@ def _check_dense(name: str, x: Array, kernel_shape, stride: int) -> None:
         raise ValueError(f"{name}: input {x.shape} is not NHWC with the kernel's {cin} channels")
 
 
-def dense_kernel_grad(x: Array, g: Array, kernel_shape: tuple[int, ...], stride: int) -> Array:
+def dense_weight_grad(x: Array, g: Array, kernel_shape: tuple[int, ...], stride: int) -> Array:
     """Gradient of a dense conv (odd square HWIO kernel, padding k//2, at most 64 output
     channels) w.r.t. its kernel: (kh, kw, C_in, C_out), on the CPU. For few input channels."""
-    _check_dense("dense_kernel_grad", x, kernel_shape, stride)
+    _check_dense("dense_weight_grad", x, kernel_shape, stride)
     want = _conv_output_shape(x.shape, kernel_shape, stride)
     if g.shape != want:
-        raise ValueError(f"dense_kernel_grad: output gradient has shape {g.shape}, expected {want}")
-    _check_float32("dense_kernel_grad", x, g)
+        raise ValueError(f"dense_weight_grad: output gradient has shape {g.shape}, expected {want}")
+    _check_float32("dense_weight_grad", x, g)
     return _call("shufflenet_dense_kernel_grad", tuple(kernel_shape), x, g, stride=stride)
 
 

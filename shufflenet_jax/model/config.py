@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from shufflenet_jax.model.layers import Impl
 from shufflenet_jax.model.network import check_width
 
 
@@ -15,4 +16,5 @@ def model_kwargs(config: Any) -> dict[str, Any]:
         width=check_width(m.width),
         num_classes=m.num_classes,
         unbiased_running_var=m.unbiased_running_var,
+        impl=Impl(kernels=m.kernels),
     )

@@ -10,27 +10,44 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shufflenet_jax import ops
+from shufflenet_jax.ops.dispatch import check_kernels
 
 Array = jax.Array
 
 
+# each kernel family's dense (stem) and depthwise convolution; the 1x1 convolutions are
+# XLA's dots in both, the shuffle XLA's transpose
+FAMILY_CONVS: dict[str, tuple[Callable[[Array, Array, int], Array], ...]] = {
+    "cpp": (ops.conv_cpp, ops.depthwise_cpp),
+    "xla": (ops.conv_im2col, ops.depthwise_shifted),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Impl:
-    """How the network computes each op: the model's one implementation switch, injected by
-    experiments (`lab.variants`). Every choice computes the same function (tests); the
-    defaults are the fastest measured, each picking C++ or XLA by platform inside.
+    """How the network computes each op: the model's one implementation switch, given to the
+    constructor (programs: `config.model.kernels`; experiments: `lab.variants`). Every choice
+    computes the same function (tests); the defaults are the fastest measured.
 
-    `dense(x, kernel, stride)` is the stem's 3x3, `depthwise(x, kernel, stride)` the 3x3
-    depthwise, `pointwise(x, kernel)` the 1x1 convolutions, `shuffle(x, groups)` the channel
-    shuffle; `fused_inference` runs an inference model's stem and stages as fused calls
-    (`ops.fused_stem_pool`, `ops.fused_stage`).
+    `kernels` names the kernel family (`ops.dispatch.KERNELS`: "cpp", the C++ CPU kernels in
+    float32 on the CPU and XLA elsewhere; "xla", XLA everywhere): it decides BatchNorm's sums,
+    the fused inference calls and, unless given, `dense(x, weight, stride)` (the stem's 3x3)
+    and `depthwise(x, weight, stride)` (the 3x3 depthwise). `pointwise(x, weight)` is the 1x1
+    convolutions, `shuffle(x, groups)` the channel shuffle; `fused_inference` runs an
+    inference model's stem and stages as fused calls (`ops.fused_stem_pool`, `ops.fused_stage`).
     """
 
-    dense: Callable[[Array, Array, int], Array] = ops.conv_native
-    depthwise: Callable[[Array, Array, int], Array] = ops.depthwise_native
+    kernels: str = "cpp"
+    dense: Callable[[Array, Array, int], Array] | None = None
+    depthwise: Callable[[Array, Array, int], Array] | None = None
     pointwise: Callable[[Array, Array], Array] = ops.pointwise_dot
     shuffle: Callable[[Array, int], Array] = ops.channel_shuffle
     fused_inference: bool = True
+
+    def __post_init__(self):
+        dense, depthwise = FAMILY_CONVS[check_kernels(self.kernels)]
+        object.__setattr__(self, "dense", self.dense or dense)
+        object.__setattr__(self, "depthwise", self.depthwise or depthwise)
 
 
 def _conv_kind(
@@ -50,8 +67,9 @@ def _conv_kind(
 class Conv2d(nnx.Module):
     """Bias-free 2-D convolution padded by kernel_size//2 on every side (PyTorch's `padding=k//2`).
 
-    `kernel` is HWIO: (k, k, in_channels // groups, out_channels). Each kind of convolution
-    (dense, depthwise, 1x1 pointwise) is computed by the function `impl` gives for it.
+    Its weight is the parameter `kernel` (Flax's name, kept in every checkpoint), HWIO: (k, k,
+    in_channels // groups, out_channels). Each kind of convolution (dense, depthwise, 1x1
+    pointwise) is computed by the function `impl` gives for it.
     """
 
     def __init__(
@@ -67,6 +85,7 @@ class Conv2d(nnx.Module):
     ):
         self.kind = _conv_kind(in_channels, out_channels, kernel_size, stride, groups)
         self.fn = getattr(impl, self.kind)
+        self.kernels = impl.kernels  # the family, for the fused inference calls
         self.stride = stride
         shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
         init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -84,7 +103,8 @@ class BatchNorm(nnx.Module):
     Statistics are computed in float32 (float64 for float64 input). In training mode the running
     variance is updated with the biased batch variance (Flax's convention) unless
     `unbiased_running_var=True`, which stores the unbiased n/(n-1) estimate as PyTorch does;
-    normalisation always uses the biased variance.
+    normalisation always uses the biased variance. `kernels` is the family that computes the
+    training-mode sums (`Impl.kernels`).
     """
 
     def __init__(
@@ -95,8 +115,10 @@ class BatchNorm(nnx.Module):
         epsilon: float = 1e-5,
         unbiased_running_var: bool = False,
         use_running_average: bool = False,
+        kernels: str = "cpp",
     ):
         self.num_features = num_features
+        self.kernels = check_kernels(kernels)
         self.momentum = momentum
         self.epsilon = epsilon
         self.unbiased_running_var = unbiased_running_var
@@ -115,7 +137,9 @@ class BatchNorm(nnx.Module):
         n = x.shape[0] * x.shape[1] * x.shape[2]
         if n == 0:  # its statistics would be NaN and spoil the running ones
             raise ValueError(f"BatchNorm in training mode got an empty batch of shape {x.shape}")
-        y, mean, var = ops.batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        y, mean, var = ops.batch_norm_train(
+            x, self.scale[...], self.bias[...], self.epsilon, self.kernels
+        )
         mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         stored_var = var * (n / max(n - 1, 1)) if self.unbiased_running_var else var
         m = self.momentum

@@ -50,6 +50,25 @@ def check_width(width: float | str) -> float:
     return w
 
 
+def check_expected(
+    source: str,
+    width: float,
+    num_classes: int,
+    expected_width: float | str | None = None,
+    expected_classes: int | None = None,
+) -> None:
+    """The one check of a model source (a checkpoint, a .pth, a run) holding a `width`x model
+    with `num_classes` classes against what the caller expects (None: anything); an error
+    naming both where they differ."""
+    want_width = width if expected_width is None else check_width(expected_width)
+    want_classes = num_classes if expected_classes is None else expected_classes
+    if (width, num_classes) != (want_width, want_classes):
+        raise ValueError(
+            f"{source} holds a {width}x model with {num_classes} classes, but "
+            f"{want_width}x with {want_classes} classes was asked for"
+        )
+
+
 class ShuffleUnit(nnx.Module):
     """The ShuffleNet V2 building block (torchvision's `InvertedResidual`).
 
@@ -82,12 +101,13 @@ class ShuffleUnit(nnx.Module):
             )
         self.stride = stride
         self.shuffle = impl.shuffle
+        self.kernels = impl.kernels
 
         def conv(cin, cout, k, s=1, groups=1):
             return Conv2d(cin, cout, k, stride=s, groups=groups, impl=impl, rngs=rngs)
 
         def bn(c):
-            return BatchNorm(c, unbiased_running_var=unbiased_running_var)
+            return BatchNorm(c, unbiased_running_var=unbiased_running_var, kernels=impl.kernels)
 
         if stride == 2:
             self.branch1 = nnx.Sequential(
@@ -149,7 +169,8 @@ def _stage_layers(stage: nnx.Sequential, x: Array) -> Array:
 
 def _stage_fused(stage: nnx.Sequential, x: Array) -> Array:
     units = [unit_convs(unit) for unit in stage.layers]
-    return ops.fused_stage(x, units, _norm_eps(stage), lambda: stage(x))
+    kernels = stage.layers[0].kernels
+    return ops.fused_stage(x, units, _norm_eps(stage), lambda: stage(x), kernels)
 
 
 def _stem_layers(conv1: nnx.Sequential, image: Array) -> Array:
@@ -160,7 +181,7 @@ def _stem_fused(conv1: nnx.Sequential, image: Array) -> Array:
     conv, norm = conv1.layers[:2]
     buffers, eps = inference_norm(norm)
     stem = lambda: _stem_layers(conv1, image)  # noqa: E731
-    return ops.fused_stem_pool(image, conv.kernel[...], buffers, eps, stem)
+    return ops.fused_stem_pool(image, conv.kernel[...], buffers, eps, stem, conv.kernels)
 
 
 def _fused_with_layers_gradient(module: nnx.Module, fused, layers, x: Array) -> Array:
@@ -212,11 +233,14 @@ class ShuffleNetV2(nnx.Module):
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.num_classes = num_classes
         self.fused_inference = impl.fused_inference
+        self.kernels = impl.kernels
         c1, *stage_channels, c5 = STAGE_OUT_CHANNELS[self.width]
         bn_kw = dict(unbiased_running_var=unbiased_running_var)
 
         self.conv1 = nnx.Sequential(
-            Conv2d(3, c1, 3, stride=2, impl=impl, rngs=rngs), BatchNorm(c1, **bn_kw), nnx.relu
+            Conv2d(3, c1, 3, stride=2, impl=impl, rngs=rngs),
+            BatchNorm(c1, kernels=impl.kernels, **bn_kw),
+            nnx.relu,
         )
         self.maxpool = MaxPool()
         cin = c1
@@ -229,7 +253,9 @@ class ShuffleNetV2(nnx.Module):
             setattr(self, name, nnx.Sequential(*units))
             cin = cout
         self.conv5 = nnx.Sequential(
-            Conv2d(cin, c5, 1, impl=impl, rngs=rngs), BatchNorm(c5, **bn_kw), nnx.relu
+            Conv2d(cin, c5, 1, impl=impl, rngs=rngs),
+            BatchNorm(c5, kernels=impl.kernels, **bn_kw),
+            nnx.relu,
         )
         self.fc = nnx.Linear(c5, num_classes, rngs=rngs)
 

@@ -1,13 +1,16 @@
-"""Array functions behind the layers, on NHWC arrays; each picks its backend inside (XLA
-everywhere, the C++ `shufflenet_jax.kernels` on the CPU where they apply, `platform`). In
+"""Array functions behind the layers, on NHWC arrays; the kernel family computing each is the
+one the model's `Impl` names (`dispatch`: XLA's formulation, or the C++ `shufflenet_jax.kernels`
+on the CPU where they apply). In
 bfloat16 or float16 every sum accumulates in float32 and rounds once (`accumulation_dtype`)."""
 
 from shufflenet_jax.ops.common import accumulation_dtype
 from shufflenet_jax.ops.conv import (
+    conv_cpp,
+    conv_im2col,
     conv_lax,
-    conv_native,
+    depthwise_cpp,
     depthwise_lax,
-    depthwise_native,
+    depthwise_shifted,
     pointwise_dot,
     pointwise_lax,
 )
@@ -21,10 +24,12 @@ __all__ = [
     "accumulation_dtype",
     "batch_norm_train",
     "channel_shuffle",
+    "conv_cpp",
+    "conv_im2col",
     "conv_lax",
-    "conv_native",
+    "depthwise_cpp",
     "depthwise_lax",
-    "depthwise_native",
+    "depthwise_shifted",
     "fused_stage",
     "fused_stem_pool",
     "global_average_pool",

@@ -1,6 +1,6 @@
 """The inference network's fused calls: the stem with its max-pool, and whole stages.
 
-On the CPU in float32, with the C++ kernels loaded, each is one C++ call (`kernels`);
+On the CPU in float32, with the "cpp" kernel family, each is one C++ call (`kernels`);
 elsewhere it is the same function through XLA, given as a callable and chosen when the
 computation is lowered (`platform`).
 """
@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import jax
 
-from shufflenet_jax import kernels
+from shufflenet_jax import kernels as cpp
 from shufflenet_jax.kernels import ConvNorm
-from shufflenet_jax.ops.platform import on_cpu_or_layers
+from shufflenet_jax.ops.dispatch import on_cpu_or_layers
 
 Array = jax.Array
 
@@ -29,30 +29,39 @@ class UnitConvs(NamedTuple):
 
 
 def fused_stage(
-    x: Array, units: list[UnitConvs], eps: float | None, layers: Callable[[], Array]
+    x: Array,
+    units: list[UnitConvs],
+    eps: float | None,
+    layers: Callable[[], Array],
+    kernels: str,
 ) -> Array:
     """The stage of `units` as one C++ call (`kernels.shuffle_stage`) where lowered for the CPU
-    in float32 with the kernels loaded and one eps for all BatchNorms (None: they differ);
+    in float32 with the "cpp" `kernels` family and one eps for all BatchNorms (None: they differ);
     otherwise `layers()`, the same stage computed by XLA."""
     if eps is None:
         return layers()
-    packed = [kernels.pack_unit(*unit) for unit in units]
+    packed = [cpp.pack_unit(*unit) for unit in units]
     kinds = [type(unit) for unit in packed]
 
     def kernel(x: Array, *flat: Array) -> Array:
         it = iter(flat)
-        return kernels.shuffle_stage(x, [k(*(next(it) for _ in k._fields)) for k in kinds], eps)
+        return cpp.shuffle_stage(x, [k(*(next(it) for _ in k._fields)) for k in kinds], eps)
 
-    return on_cpu_or_layers(kernel, layers, x, *(a for unit in packed for a in unit))
+    return on_cpu_or_layers(kernels, kernel, layers, x, *(a for unit in packed for a in unit))
 
 
 def fused_stem_pool(
-    x: Array, kernel: Array, norm: tuple[Array, ...], eps: float, layers: Callable[[], Array]
+    x: Array,
+    weight: Array,
+    norm: tuple[Array, ...],
+    eps: float,
+    layers: Callable[[], Array],
+    kernels: str,
 ) -> Array:
     """The stem and max-pool as one C++ call (`kernels.stem_pool`) where lowered for the CPU
-    in float32 with the kernels loaded; otherwise `layers()`, the same computed by XLA."""
+    in float32 with the "cpp" `kernels` family; otherwise `layers()`, the same through XLA."""
 
-    def stem(x: Array, kernel: Array, *norm: Array) -> Array:
-        return kernels.stem_pool(x, kernel, norm, eps)
+    def stem(x: Array, weight: Array, *norm: Array) -> Array:
+        return cpp.stem_pool(x, weight, norm, eps)
 
-    return on_cpu_or_layers(stem, layers, x, kernel, *norm)
+    return on_cpu_or_layers(kernels, stem, layers, x, weight, *norm)

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from shufflenet_jax.model import checkpoint
+from shufflenet_jax.model import model_file
 from shufflenet_jax.train import checkpoints, optim
 from shufflenet_jax.train.state import TrainState
 
@@ -230,7 +230,7 @@ class Evaluate:
         model = nnx.merge(self.graphdef, state.params, state.batch_stats)
         saved = self.best.save(
             step,
-            args=checkpoint.model_save_args(
+            args=model_file.model_save_args(
                 model, source=f"training step {step}", image_size=self.config.data.image_size
             ),
             metrics={"top1": result["top1"]},

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shufflenet_jax.model import checkpoint
+from shufflenet_jax.model import model_file
 from shufflenet_jax.model.config import model_kwargs
+from shufflenet_jax.model.inference import split_model
 from shufflenet_jax.model.network import ShuffleNetV2, abstract_model
 from shufflenet_jax.train import optim
 
@@ -32,7 +33,7 @@ def create_model(config: Any) -> ShuffleNetV2:
     kwargs = model_kwargs(config)
     model = nnx.jit(lambda: ShuffleNetV2(**kwargs, rngs=nnx.Rngs(config.train.seed)))()
     if config.model.init_from:
-        pretrained = checkpoint.restore_model(config.model.init_from, width=kwargs["width"])
+        pretrained = model_file.restore_model(config.model.init_from, width=kwargs["width"])
         values = nnx.to_pure_dict(nnx.state(pretrained))
         if pretrained.num_classes != kwargs["num_classes"]:
             del values["fc"]  # a new head for the new classes, freshly initialized
@@ -42,7 +43,7 @@ def create_model(config: Any) -> ShuffleNetV2:
 
 def create_train_state(config: Any, model: ShuffleNetV2):
     """(graphdef, tx, state) for `model`: step 0, a fresh optimizer state, EMA = the params."""
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef, params, batch_stats = split_model(model)
     tx = optim.make_optimizer(config, params)
     ema = jax.tree.map(jnp.copy, params) if config.optim.ema_decay > 0 else None
     state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params), ema)
@@ -52,7 +53,7 @@ def create_train_state(config: Any, model: ShuffleNetV2):
 def abstract_state(config: Any) -> TrainState:
     """The shapes and dtypes of a `TrainState` for `config`, computing nothing."""
     model = abstract_model(**model_kwargs(config))
-    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    _, params, batch_stats = split_model(model)
     opt_state = jax.eval_shape(optim.make_optimizer(config, params).init, params)
     ema = params if config.optim.ema_decay > 0 else None
     return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, batch_stats, opt_state, ema)

@@ -4,7 +4,6 @@ that suit each on the backend, and sharded over a mesh when given one."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,66 +14,15 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from shufflenet_jax.compiler_options import eval_compiler_options, train_compiler_options
 from shufflenet_jax.data.augment import make_augment
 from shufflenet_jax.data.normalization import standardize
-from shufflenet_jax.model.network import ShuffleNetV2
+from shufflenet_jax.model.inference import apply
 from shufflenet_jax.ops import accumulation_dtype
 from shufflenet_jax.train.parallel import data_sharding, replicated, to_global
 from shufflenet_jax.train.state import TrainState, compute_dtype
 
 Array = jax.Array
-
-
-def split_model(model: ShuffleNetV2) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, params, batch_stats): the static structure and the two kinds of arrays."""
-    return nnx.split(model, nnx.Param, nnx.BatchStat)
-
-
-@functools.cache
-def _xla_accepts(name: str, value: Any) -> bool:
-    """Whether this jaxlib's XLA knows the compile option (XLA:CPU's options come and go
-    between releases; an unknown one is an error at compile time)."""
-    probe = jax.jit(lambda x: x + 1, compiler_options={name: value})
-    try:
-        probe.lower(jnp.zeros((), jnp.float32)).compile()
-    except jax.errors.JaxRuntimeError as e:
-        if "No such compile option" in str(e):
-            return False
-        raise
-    return True
-
-
-def _known(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if _xla_accepts(k, v)}
-
-
-def train_compiler_options(backend: str | None = None) -> dict[str, Any]:
-    """XLA options for compiling a training step on `backend` (default: JAX's default backend).
-
-    On the CPU, XLA's older loop emitters compile the backward pass's large element-wise
-    fusions into faster code than the default fusion emitters, and YNNPACK's dot fusions help
-    training (docs/performance.md). Other backends keep XLA's defaults; options this XLA does
-    not know (newer jaxlibs dropped the loop emitters' switch) are left out.
-    """
-    if (backend or jax.default_backend()) == "cpu":
-        return _known(
-            {
-                "xla_cpu_use_fusion_emitters": False,
-                "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
-            }
-        )
-    return {}
-
-
-def eval_compiler_options(backend: str | None = None) -> dict[str, Any]:
-    """XLA options for compiling an inference step on `backend` (default: JAX's default backend).
-
-    On the CPU the 1x1 convolutions' matmuls run faster as XLA's own dot kernels than as
-    YNNPACK calls; YNNPACK then keeps only the reductions (docs/performance.md).
-    """
-    if (backend or jax.default_backend()) == "cpu":
-        return _known({"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"})
-    return {}
 
 
 Batch = dict[str, Array]
@@ -173,38 +121,6 @@ def train_step_for(
     )
 
 
-def _logits(graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State, images: Array):
-    model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    model.eval()
-    return model(images)
-
-
-def make_predict(
-    graphdef: nnx.GraphDef, compiler_options: dict[str, Any] | None = None
-) -> Callable[[nnx.State, nnx.State, Array], Array]:
-    """`logits = predict(params, batch_stats, images)`, jitted, BatchNorm on running statistics
-    (so the fused inference path). `compiler_options` default to `eval_compiler_options()`."""
-    options = eval_compiler_options() if compiler_options is None else compiler_options
-    return jax.jit(functools.partial(_logits, graphdef), compiler_options=options)
-
-
-def predictor(
-    model: ShuffleNetV2, compiler_options: dict[str, Any] | None = None
-) -> Callable[[Array], Array]:
-    """`logits = predict(images)` for `model`'s weights as they are now, BatchNorm on running
-    statistics, jitted. The weights are split off once and passed as a flat list of arrays: a
-    call walks no module graph (as `nnx.jit` on the module does) and flattens no `nnx.State`
-    (about 1 ms per call, a seventh of a 1.0x batch-1 inference on a 2-vCPU machine)."""
-    graphdef, params, batch_stats = split_model(model)
-    leaves, treedef = jax.tree.flatten((params, batch_stats))
-    options = eval_compiler_options() if compiler_options is None else compiler_options
-
-    def logits(leaves: list[Array], images: Array) -> Array:
-        return _logits(graphdef, *jax.tree.unflatten(treedef, leaves), images)
-
-    return functools.partial(jax.jit(logits, compiler_options=options), leaves)
-
-
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None, backend: str | None = None):
     """`sums, predictions = eval_step(params, batch_stats, batch)`: masked counts of correct
     top-1 and top-5, summed cross-entropy and the number of real examples; and each row's top-1
@@ -216,20 +132,29 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None, backend: st
         images = batch["image"]
         if images.dtype == jnp.uint8:
             images = standardize(images)
-        logits = _logits(graphdef, params, batch_stats, images).astype(jnp.float32)
-        labels, mask = batch["label"], batch["mask"]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        top5 = jax.lax.top_k(logits, 5)[1]
-        sums = {
-            "correct_top1": jnp.sum((top5[:, 0] == labels) & mask),
-            "correct_top5": jnp.sum(jnp.any(top5 == labels[:, None], -1) & mask),
-            "loss_sum": jnp.sum(jnp.where(mask, loss, 0.0)),
-            "count": jnp.sum(mask),
-        }
-        return sums, {"top1": top5[:, 0], "index": batch["index"], "mask": mask}
+        logits = apply(graphdef, params, batch_stats, images).astype(jnp.float32)
+        sums, top1 = classification_sums(logits, batch["label"], batch["mask"])
+        return sums, {"top1": top1, "index": batch["index"], "mask": batch["mask"]}
 
     shardings = {} if mesh is None else dict(out_shardings=replicated(mesh))
     return jax.jit(eval_step, compiler_options=eval_compiler_options(backend), **shardings)
+
+
+def classification_sums(
+    logits: Array, labels: Array, mask: Array
+) -> tuple[dict[str, Array], Array]:
+    """Masked counts of correct top-1 and top-5, summed cross-entropy and the number of real
+    examples, and each row's top-1 class: the one definition of the evaluation metrics, for
+    the eval step and for an exported model's logits (`evaluation.evaluate_exported`)."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, 5)[1]
+    sums = {
+        "correct_top1": jnp.sum((top5[:, 0] == labels) & mask),
+        "correct_top5": jnp.sum(jnp.any(top5 == labels[:, None], -1) & mask),
+        "loss_sum": jnp.sum(jnp.where(mask, loss, 0.0)),
+        "count": jnp.sum(mask),
+    }
+    return sums, top5[:, 0]
 
 
 def summarize_eval(sums: dict[str, float]) -> dict[str, float]:

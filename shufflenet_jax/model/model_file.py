@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from shufflenet_jax.model.network import ShuffleNetV2, abstract_model, check_width, with_values
+from shufflenet_jax.model.network import ShuffleNetV2, abstract_model, check_expected, with_values
 
 MODEL_ITEM = "model"
 STATE_ITEM = "state"
@@ -87,15 +87,7 @@ def restore_model(
     (e.g. `impl`) go to the constructor."""
     directory = model_directory(directory)
     config = read_model_config(directory)
-    if width is not None and check_width(width) != config["width"]:
-        raise ValueError(
-            f"{directory} holds a {config['width']}x model, but width {width} was requested"
-        )
-    if num_classes is not None and num_classes != config["num_classes"]:
-        raise ValueError(
-            f"{directory} holds a model with {config['num_classes']} classes, "
-            f"but num_classes={num_classes} was requested"
-        )
+    check_expected(str(directory), config["width"], config["num_classes"], width, num_classes)
     abstract = abstract_model(config["width"], config["num_classes"], **model_kwargs)
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),

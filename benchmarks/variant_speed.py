@@ -1,14 +1,14 @@
 """JAX-only A/B of model implementation choices, alternating in one process.
 
-    python benchmarks/variants.py --mode train --batch 32 \
+    python benchmarks/variant_speed.py --mode train --batch 32 \
         --variant default= --variant xla_grads=dense:im2col,depthwise:shifted
-    python benchmarks/variants.py --mode infer --variant native= --variant layers=fused:layers
+    python benchmarks/variant_speed.py --mode infer --variant fused= --variant layers=fused:layers
 
 Each `--variant NAME=key:value,...` builds benchmarks/throughput.py's JaxCase with those
 implementations (`op:name` as in `lab.variants`; `train_options:xla` compiles the train step
-with XLA's default options instead of step.train_compiler_options(); `xla.NAME:VALUE` sets
-one XLA option of the timed step over its defaults, step.train_compiler_options() or
-step.eval_compiler_options(), and `xla.NAME:-` removes it). After a warm-up the variants run
+with XLA's default options instead of `train_compiler_options()`; `xla.NAME:VALUE` sets
+one XLA option of the timed step over its defaults, `train_compiler_options()` or
+`eval_compiler_options()`, and `xla.NAME:-` removes it). After a warm-up the variants run
 round by round, `--repeats` rounds of `--images` images each; it prints the median images/s
 per variant and its ratio to the first. Outputs of all variants are checked to agree first
 (inference logits, or the first training step's loss), so a faster variant is a faster way to
@@ -25,8 +25,8 @@ import numpy as np
 from throughput import JaxCase, add_isa_option, apply_isa, seconds_per_call
 
 from lab import variants
+from shufflenet_jax.compiler_options import eval_compiler_options, train_compiler_options
 from shufflenet_jax.process import setup_process
-from shufflenet_jax.train.step import eval_compiler_options, train_compiler_options
 
 
 def parse_variant(text: str, mode: str) -> tuple[str, dict]:
