@@ -100,9 +100,9 @@ stage throughput_0_5 55 300 "$py" benchmarks/throughput.py --fake-data "${small[
   --json "$out/throughput_0_5.json"
 stage input_copy 15 60 "$py" benchmarks/input_pipeline.py --copy-only "${copy[@]}" \
   --json "$out/input_copy.json"
-stage fusion_unit 25 120 "$py" -m lab.fusion --target unit --mode train "${fusion[@]}" \
+stage fusion_unit 25 120 "$py" -m lab.fusion --subject unit --mode train "${fusion[@]}" \
   --json "$out/fusion_unit_train.json"
-stage fusion_net 30 120 "$py" -m lab.fusion --target net --mode forward --compare shuffle \
+stage fusion_net 30 120 "$py" -m lab.fusion --subject net --mode forward --compare shuffle \
   "${fusion[@]}" --json "$out/fusion_net_forward.json"
 stage deviceless 60 400 "$aot_py" benchmarks/deviceless_check.py "${deviceless[@]}" \
   --json "$out/deviceless.json"

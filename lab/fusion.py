@@ -1,12 +1,13 @@
 """XLA fusion lab: what XLA makes of ShuffleNet V2's element-wise work, from the optimized HLO,
-for this machine's own device or, without the device, for a GPU or TPU target.
+for this machine's own device or, without the device, for a GPU or TPU target (`--target`,
+an `aot.targets` name).
 
     python -m lab.fusion                      # unit variants side by side, forward, here
-    python -m lab.fusion --target net --mode train --compare shuffle
-    python -m lab.fusion --target pair --compare shuffle --save-hlo hlo/
-    python -m lab.fusion --target unit --mode train --platform h100 --dtype bfloat16
+    python -m lab.fusion --subject net --mode train --compare shuffle
+    python -m lab.fusion --subject pair --compare shuffle --save-hlo hlo/
+    python -m lab.fusion --subject unit --mode train --target h100 --dtype bfloat16
 
-Targets: `unit` (one stride-1 ShuffleUnit), `pair` (two stride-1 units: concat + shuffle + the
+Subjects: `unit` (one stride-1 ShuffleUnit), `pair` (two stride-1 units: concat + shuffle + the
 next unit's split), `block` (1x1 conv + BatchNorm + ReLU), `net` (the whole ShuffleNetV2).
 Modes: `forward` (eval mode) or `train` (train-mode loss and its gradient). For each variant the
 report gives, from XLA's module objects (`shufflenet_jax.aot.hlo`): fusions by kind, library
@@ -22,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,7 +46,7 @@ from shufflenet_jax.train import parallel
 
 @dataclasses.dataclass
 class FusionReport:
-    """What XLA compiled one function into, for one platform."""
+    """What XLA compiled one function into, for one target."""
 
     name: str
     fusions: dict[str, int]  # fusion kind (kLoop, kInput, kOutput, kCustom) -> count
@@ -53,7 +55,7 @@ class FusionReport:
     data_movement_fusions: list[dict[str, int]]  # bodies holding a concat/transpose/gather
     library_fusions: list[dict[str, int]]  # bodies of kCustom fusions (a GEMM and its epilogue)
     launches: int  # kernels launched per call
-    flops: float  # XLA's cost analysis of the unoptimized module (the same on every platform)
+    flops: float  # XLA's cost analysis of the unoptimized module (the same on every target)
     hbm_bytes: int  # sum over the kernels of their operands and results (aot.hlo.kernels)
     bytes_accessed: float | None  # XLA's own cost analysis (CPU, TPU); None on GPUs
     temp_bytes: int
@@ -96,12 +98,12 @@ def _median_seconds(run: Callable[[], Any], repeats: int) -> tuple[float | None,
     return median, (q3 - q1) / median
 
 
-def _on_device(args: Sequence[Any], platform: str) -> list[Any]:
-    """`args` as shapes on one device of `platform` (an `aot.targets` name; nothing is
+def _on_device(args: Sequence[Any], target: str) -> list[Any]:
+    """`args` as shapes on one device of `target` (an `aot.targets` name; nothing is
     materialized there), or unchanged for this machine's own device ("local")."""
-    if platform == "local":
+    if target == "local":
         return list(args)
-    one = parallel.replicated(targets.make_mesh(targets.get(platform), 1))
+    one = parallel.replicated(targets.make_mesh(targets.get(target), 1))
     return [
         jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), arg)
         for arg in args
@@ -114,9 +116,9 @@ def analyze(
     name: str = "",
     repeats: int = 5,
     save_hlo: str | Path | None = None,
-    platform: str = "local",
+    target: str = "local",
 ) -> FusionReport:
-    """Compile `fn(*args)` for `platform` ("local": this machine's default device, or an
+    """Compile `fn(*args)` for `target` ("local": this machine's default device, or an
     `aot.targets` name: one of its devices), count its optimized HLO, and where it runs here
     time it (median of `repeats`; 0: skip).
 
@@ -124,7 +126,7 @@ def analyze(
     own and run one after the other (what an op-by-op framework does): the counts, flops and
     bytes are summed over the stages, the time is that of the whole chain."""
     stages = list(fn) if isinstance(fn, Sequence) else [fn]
-    *fixed, x = _on_device(args, platform)
+    *fixed, x = _on_device(args, target)
     compiled, lowered = [], []
     for i, stage in enumerate(stages):
         lowered.append(jax.jit(stage).lower(*fixed, x))
@@ -142,7 +144,7 @@ def analyze(
             y = c(*args[:-1], y)
         return y
 
-    seconds, spread = _median_seconds(run_chain, repeats if platform == "local" else 0)
+    seconds, spread = _median_seconds(run_chain, repeats if target == "local" else 0)
     return FusionReport(
         name=name,
         **counts,
@@ -363,6 +365,7 @@ def variants(target: str, compare: str) -> list[dict[str, str]]:
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SUBJECTS = ["unit", "pair", "block", "net"]
 
 
 def build(target: str, variant: dict[str, str], args: argparse.Namespace):
@@ -413,15 +416,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    for variant in variants(args.target, args.compare):
+    for variant in variants(args.subject, args.compare):
         label = ",".join(f"{k}={v}" for k, v in variant.items())
-        f, p, s, x = build(args.target, variant, args)
+        f, p, s, x = build(args.subject, variant, args)
         hlo_file = None
         if args.save_hlo:
-            stem = f"{args.platform}_{args.dtype}_{args.target}_{args.mode}_{label}"
+            stem = f"{args.target}_{args.dtype}_{args.subject}_{args.mode}_{label}"
             hlo_file = Path(args.save_hlo) / (stem.replace(",", "_").replace(":", "") + ".txt")
         report = analyze(
-            f, p, s, x, name=label, repeats=args.repeats, save_hlo=hlo_file, platform=args.platform
+            f, p, s, x, name=label, repeats=args.repeats, save_hlo=hlo_file, target=args.target
         )
         row = {
             "variant": label,
@@ -447,15 +450,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--target", choices=["unit", "pair", "block", "net"], default="unit")
+    p.add_argument("--subject", choices=SUBJECTS, default="unit", help="what is compiled")
     p.add_argument("--mode", choices=["forward", "train"], default="forward")
     p.add_argument(
-        "--platform",
-        choices=["local", *targets.TARGETS],
+        "--target",
+        choices=["local", *targets.TARGETS, *SUBJECTS],
         default="local",
         help="compile for this machine's default device (and time it) or, without the device, "
         "for one device of an accelerator target (needs the [aot] extra)",
     )
+    p.add_argument("--platform", choices=["local", *targets.TARGETS], help="old name of --target")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
     p.add_argument(
         "--compare",
@@ -482,24 +486,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         "library (kCustom) fusion",
     )
     args = p.parse_args(argv)
+    if args.target in SUBJECTS:  # --target was the subject's option before it named a machine
+        print(f"warning: --target {args.target} is deprecated; use --subject {args.target}")
+        args.subject, args.target = args.target, "local"
+    if args.platform is not None:
+        print(
+            "warning: --platform is deprecated and will be removed; use --target", file=sys.stderr
+        )
+        args.target = args.platform
     if args.size is None:
-        args.size = 224 if args.target == "net" else 28
-    if args.platform != "local":
-        targets.check_plugin(targets.get(args.platform))
+        args.size = 224 if args.subject == "net" else 28
+    if args.target != "local":
+        targets.check_plugin(targets.get(args.target))
         jax.config.update("jax_platforms", "cpu")  # the plugins' own devices are not needed
     print(
-        f"{args.target} {args.mode} {args.dtype} for {args.platform}: batch {args.batch}, "
-        f"{args.size}x{args.size}" + ("" if args.target == "net" else f", {args.channels} ch")
+        f"{args.subject} {args.mode} {args.dtype} for {args.target}: batch {args.batch}, "
+        f"{args.size}x{args.size}" + ("" if args.subject == "net" else f", {args.channels} ch")
     )
     print(format_table([]))
     rows = run(args)
-    if args.platform == "local" and args.repeats:
+    if args.target == "local" and args.repeats:
         print(
             f"ms: the median of {args.repeats} runs; IQR %: their interquartile range over it. "
             "Times closer than the larger IQR are the same within this machine's noise."
         )
     if args.json:
-        keys = ("platform", "dtype", "target", "mode", "batch", "size")
+        keys = ("target", "dtype", "subject", "mode", "batch", "size")
         summary = {k: getattr(args, k) for k in keys} | {"jax": jax.__version__, "rows": rows}
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
 

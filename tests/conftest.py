@@ -3,7 +3,6 @@
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Training tests (and their subprocesses) compile the same steps: share compilations on disk.
 os.environ.setdefault(
@@ -13,7 +12,11 @@ os.environ.setdefault(
 
 import importlib.util  # noqa: E402
 
+import chex  # noqa: E402
 import pytest  # noqa: E402
+
+# 8 simulated CPU devices, chex's way (XLA_FLAGS, other flags kept; subprocesses inherit it)
+chex.set_n_cpu_devices(8)
 
 # Triton (which torch._dynamo imports on first use, e.g. inside torch.load) segfaults when
 # imported after TensorFlow 2.21 (`import tensorflow; import torch._dynamo` exits 139 here;

@@ -147,9 +147,9 @@ def test_the_eval_steps_fused_path_lowers_to_xla_off_the_cpu_and_to_the_kernels_
 
 
 @pytest.mark.aot
-@pytest.mark.parametrize("platform", ["h100", "v5e:2x2"])
+@pytest.mark.parametrize("target", ["h100", "v5e:2x2"])
 def test_fusion_lab_reads_a_units_bf16_training_kernels_from_the_targets_compiler(
-    platform, tmp_path
+    target, tmp_path
 ):
     """One stride-1 unit's bf16 gradient, with the depthwise convolution as shifted
     multiply-adds and as `lax.conv`: counts agree with the HLO text; on the GPU only the
@@ -159,7 +159,7 @@ def test_fusion_lab_reads_a_units_bf16_training_kernels_from_the_targets_compile
         f, params, stats = fusion.unit_case(58, "transpose", depthwise, "train", jnp.bfloat16)
         x = jnp.ones((2, 8, 8, 58))
         hlo_file = tmp_path / f"{depthwise}.txt"
-        r = fusion.analyze(f, params, stats, x, save_hlo=hlo_file, platform=platform)
+        r = fusion.analyze(f, params, stats, x, save_hlo=hlo_file, target=target)
         text = hlo_file.read_text()
         assert (sum(r.fusions.values()), sum(r.library_calls.values())) == count_independently(text)
         assert r.seconds is None and r.flops > 0 and r.hbm_bytes > 0
@@ -168,7 +168,7 @@ def test_fusion_lab_reads_a_units_bf16_training_kernels_from_the_targets_compile
     cudnn = {
         d: sum(n for k, n in r.library_calls.items() if "cudnn" in k) for d, r in reports.items()
     }
-    if platform == "h100":
+    if target == "h100":
         assert cudnn["shifted"] == 0 and cudnn["lax"] >= 2, cudnn  # forward, kernel gradient
         assert reports["shifted"].bytes_accessed is None  # XLA:GPU gives no cost analysis
     else:
@@ -229,7 +229,7 @@ def test_train_py_compile_for_writes_its_report_the_largest_batches_and_the_exec
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "h100: 1 cuda device(s)" in done.stdout.splitlines(), done.stdout[-2000:]
+    assert "h100: 1 gpu device(s)" in done.stdout.splitlines(), done.stdout[-2000:]
     report = json.loads(out.read_text())
     limit = (targets.usable_bytes(targets.get("h100")) - 1e9) / 1e6  # the model's crossing
     for name in ("train", "eval"):

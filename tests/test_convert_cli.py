@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import numpy as np
 import pytest
 import torch
@@ -45,9 +46,7 @@ def test_converted_checkpoint_restores_the_same_weights(weights_file, checkpoint
         flat_values(restore_model(checkpoint_dir)),
         flat_values(load_torchvision(weights_file)),
     )
-    assert restored.keys() == direct.keys()
-    for path, value in direct.items():
-        np.testing.assert_array_equal(restored[path], value, err_msg=str(path))
+    chex.assert_trees_all_equal(restored, direct)
 
 
 def test_to_torch_writes_the_original_state_dict(weights_file, checkpoint_dir, tmp_path):

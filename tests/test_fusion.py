@@ -103,14 +103,14 @@ def test_fusion_cli_documents_itself_and_writes_json(tmp_path):
         text=True,
         check=True,
     ).stdout
-    assert "--target" in help_text and "--compare" in help_text and "--save-hlo" in help_text
+    assert "--subject" in help_text and "--target" in help_text and "--save-hlo" in help_text
     out = tmp_path / "block.json"
     subprocess.run(
         [
             sys.executable,
             "-m",
             "lab.fusion",
-            "--target",
+            "--subject",
             "block",
             "--channels",
             "16",
@@ -132,12 +132,12 @@ def test_fusion_cli_documents_itself_and_writes_json(tmp_path):
 
 
 def test_readmes_pair_command_shows_which_fusion_holds_the_concat_and_saves_each_hlo(tmp_path):
-    """README's `lab.fusion --target pair --compare shuffle --evidence --save-hlo DIR` (small
+    """README's `lab.fusion --subject pair --compare shuffle --evidence --save-hlo DIR` (small
     shapes): a row per shuffle variant; --save-hlo writes each variant's optimized HLO, whose
     fusions number what its row says; --evidence lists, under each row, the fusions that hold
     a concatenate, transpose or gather and the library fusions, as its JSON row records them
     (whichever XLA makes of the concat; nothing of the kind is printed without the flag)."""
-    args = [sys.executable, "-m", "lab.fusion", "--target", "pair", "--compare", "shuffle",
+    args = [sys.executable, "-m", "lab.fusion", "--subject", "pair", "--compare", "shuffle",
             "--channels", "16", "--size", "8", "--batch", "2", "--repeats", "1"]  # fmt: skip
     hlo_dir, out = tmp_path / "hlo", tmp_path / "pair.json"
     shown = subprocess.run([*args, "--evidence", "--save-hlo", str(hlo_dir), "--json", str(out)],
@@ -185,3 +185,15 @@ def test_timings_come_with_their_spread(monkeypatch):
     q1, _, q3 = statistics.quantiles([1, 2, 1, 4, 2], n=4)
     assert median == 2 and spread == pytest.approx((q3 - q1) / 2) and spread > 0
     assert fusion._median_seconds(lambda: None, 0) == (None, None)
+
+
+def test_the_old_option_names_still_work_and_say_they_are_deprecated(tmp_path):
+    """`--target` names the machine compiled for in every program (`aot.targets`); lab.fusion's
+    `--platform` (that machine) and `--target unit` (the subject) are kept for a release."""
+    args = [sys.executable, "-m", "lab.fusion", "--target", "block", "--platform", "local",
+            "--channels", "16", "--size", "8", "--batch", "2", "--repeats", "0"]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning: --platform is deprecated and will be removed; use --target" in done.stderr
+    assert "warning: --target block is deprecated; use --subject block" in done.stdout
+    assert "block forward float32 for local" in done.stdout

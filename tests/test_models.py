@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +94,7 @@ def test_train_mode_updates_batchnorm_statistics_and_eval_mode_does_not(model):
     m.eval()
     nnx.jit(lambda m, x: m(x))(m, x)
     after_eval = batch_stats(m)
-    jax.tree.map(np.testing.assert_array_equal, before, after_eval)
+    chex.assert_trees_all_equal(before, after_eval)
     m.train()
     nnx.jit(lambda m, x: m(x))(m, x)
     after_train = batch_stats(m)
@@ -233,3 +234,8 @@ def test_input_must_be_rank4_nhwc_rgb(model, shape):
         ValueError, match=r"expects NHWC RGB input of shape \(batch, height, width, 3\)"
     ):
         model(jnp.zeros(shape))
+
+
+def test_input_must_be_floating_point_and_the_error_names_what_it_got(model):
+    with pytest.raises(ValueError, match=r"floating; got int32\[1, 32, 32, 3\]$"):
+        model(jnp.zeros((1, 32, 32, 3), jnp.int32))

@@ -1,9 +1,11 @@
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,3 +188,41 @@ def test_batch_norm_train_gradients_match_autodiff_of_the_formula(dtype, rtol):
         outputs = ops.batch_norm_train(x, scale, bias, 1e-5, "cpp")
         for o, r in zip(outputs, _batch_norm_formula(x, scale, bias, 1e-5), strict=True):
             np.testing.assert_allclose(o, r, rtol=rtol, atol=rtol)
+
+
+class TestEveryFormulationComputesTheConvolutionJittedOrRunOpByOp(chex.TestCase):
+    """chex's variants run each formulation of the dense, depthwise and 1x1 convolution jitted
+    and op by op (where `lax.platform_dependent` picks C++ or XLA per call) against the
+    float64 convolution written out. Bound as for the lax references: float32 sums of at most
+    27 products of unit-scale values (about 1e-6 of 1e-5)."""
+
+    def _check(self, fn, x, weight, want):
+        got = self.variant(fn)(x, weight)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(name=sorted(variants.DEPTHWISE), stride=[1, 2])
+    def test_depthwise(self, name, stride):
+        rng = np.random.default_rng(6)
+        x = rng.standard_normal((2, 7, 6, 6)).astype(np.float32)
+        w = rng.standard_normal((3, 3, 1, 6)).astype(np.float32)
+        fn = functools.partial(variants.DEPTHWISE[name], stride=stride)
+        self._check(fn, x, w, numpy_conv(x, w, stride, True))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(name=sorted(variants.DENSE), stride=[1, 2])
+    def test_dense(self, name, stride):
+        rng = np.random.default_rng(7)
+        x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
+        w = rng.standard_normal((3, 3, 3, 8)).astype(np.float32)
+        fn = functools.partial(variants.DENSE[name], stride=stride)
+        self._check(fn, x, w, numpy_conv(x, w, stride))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*sorted(variants.POINTWISE))
+    def test_pointwise(self, name):
+        rng = np.random.default_rng(8)
+        x = rng.standard_normal((2, 5, 4, 6)).astype(np.float32)
+        w = rng.standard_normal((1, 1, 6, 5)).astype(np.float32)
+        self._check(variants.POINTWISE[name], x, w, numpy_conv(x, w, 1))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import grain
 import jax
 import jax.numpy as jnp
@@ -159,7 +160,7 @@ def test_an_empty_batch_is_refused_before_batchnorm_statistics_change():
     with pytest.raises(ValueError, match=r"empty batch of shape \(0, 16, 16, 24\)"):
         model(jnp.zeros((0, 32, 32, 3)))
     after = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
-    jax.tree.map(np.testing.assert_array_equal, before, after)
+    chex.assert_trees_all_equal(before, after)
 
 
 @pytest.mark.os_level

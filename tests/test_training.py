@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -51,11 +52,6 @@ def small_config(data_dir, **overrides):
 
 def params_of(result):
     return jax.tree.map(np.asarray, result.state.params)
-
-
-def assert_trees_close(a, b, rtol, atol):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
 def losses(workdir):
@@ -224,7 +220,7 @@ def test_two_processes_start_from_a_slurm_environment_and_train_like_with_flags(
     assert int(a["step"]) == int(b["step"]) == 1
     assert losses(tmp_path / "slurm")[1] == pytest.approx(losses(tmp_path / "flags")[1], rel=1e-6)
     for name in ("params", "batch_stats"):
-        assert_trees_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(a[name], b[name], rtol=1e-6, atol=1e-7)
 
 
 # One process of two. Starting the backend is a meeting of the processes (their devices are
@@ -493,7 +489,7 @@ def test_interrupted_and_resumed_training_ends_with_the_same_parameters(digits_d
     assert int(first.state.step) == 3
     resumed = train_and_evaluate(config, tmp_path / "resumed")
     assert int(resumed.state.step) == 6
-    assert_trees_close(params_of(straight), params_of(resumed), rtol=0, atol=0)
+    chex.assert_trees_all_equal(params_of(straight), params_of(resumed))
     assert resumed.eval_metrics == straight.eval_metrics
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
     events = [
@@ -657,12 +653,12 @@ def test_ema_follows_its_formula_at_updates_and_stands_still_between_them():
     p0, e0 = snapshot(state.params), snapshot(state.ema_params)
     state, _ = train_step(state, batch)
     p1, e1 = snapshot(state.params), snapshot(state.ema_params)
-    jax.tree.map(np.testing.assert_array_equal, (p1, e1), (p0, e0))  # a micro-step
+    chex.assert_trees_all_equal((p1, e1), (p0, e0))  # a micro-step
     state, _ = train_step(state, batch)
     p2, e2 = snapshot(state.params), snapshot(state.ema_params)
     assert not np.array_equal(p2["fc"]["kernel"], p1["fc"]["kernel"])  # an update
     want = jax.tree.map(lambda e, p: 0.75 * e + 0.25 * p, e1, p2)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), e2, want)
+    chex.assert_trees_all_close(e2, want, rtol=1e-6, atol=1e-7)
 
 
 def test_bf16_training_lowers_the_loss_on_a_repeated_batch():

@@ -22,7 +22,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
 from shufflenet_jax.aot import hlo
-from shufflenet_jax.aot.targets import Target, make_mesh, platform, usable_bytes
+from shufflenet_jax.aot.targets import Target, make_mesh, usable_bytes
 from shufflenet_jax.model.config import model_kwargs
 from shufflenet_jax.model.inference import split_model
 from shufflenet_jax.model.network import abstract_model
@@ -72,7 +72,7 @@ def steps_on(config: Any, mesh: Mesh, backend: str) -> Steps:
 
 def steps_for(config: Any, target: Target) -> Steps:
     """The steps for `target`'s devices and compiler."""
-    return steps_on(config, make_mesh(target), platform(target))
+    return steps_on(config, make_mesh(target), target.backend)
 
 
 def without_persistent_cache() -> None:
@@ -141,7 +141,7 @@ def report(lowered: Any, compiled: Any, seconds: float, target: Target, batch: i
         "project_kernels": kernels.project_kernels,
         "estimate": estimate(lowered, kernels, target, batch),
     }
-    if target.platform == "tpu":
+    if target.backend == "tpu":
         cost = hlo.xla_cost_analysis(compiled)
         keep = ("flops", "bytes accessed", "optimal_seconds")
         out["xla_cost_analysis"] = {k: float(cost[k]) for k in keep if k in cost}
@@ -327,7 +327,7 @@ def load_executables(path: str | Path) -> dict[str, Any]:
 
 def describe(out: dict[str, Any], target: Target) -> str:
     """The report as lines to print."""
-    lines = [f"{target.name}: {target.devices} {target.platform} device(s)"]
+    lines = [f"{target.name}: {target.devices} {target.backend} device(s)"]
     for name in ("train", "eval"):
         r = out[name]
         m, e = r["memory"], r["estimate"]

@@ -15,9 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh
+
+from shufflenet_jax.train import parallel
 
 SPECS = Path(__file__).parent / "specs"
 # Fields of XLA's newer GPU descriptions that jax 0.10's CUDA plugin refuses (specs/README.md).
@@ -35,7 +36,7 @@ class Target:
     """An accelerator configuration; memory, bandwidth and peak are per device."""
 
     name: str
-    platform: str  # "cuda" or "tpu"
+    backend: str  # JAX's backend name: "gpu" (CUDA) or "tpu"
     topology: str  # jax.experimental.topologies' name: "1x1x8" (GPUs), "v5e:2x2" (TPUs)
     devices: int
     hbm_bytes: int
@@ -55,7 +56,7 @@ def _spec_field(spec: str, field: str) -> int:
 def _gpu(name: str, spec: str, devices: int, peak_bf16_flops: float) -> Target:
     return Target(
         name=name,
-        platform="cuda",
+        backend="gpu",
         topology=f"1x1x{devices}",
         devices=devices,
         hbm_bytes=_spec_field(spec, "device_memory_size"),
@@ -91,7 +92,7 @@ GPU_MEMORY_FRACTION = 0.75
 def usable_bytes(target: Target) -> int:
     """The memory a step may use on one device of `target`: on a GPU the fraction JAX's
     allocator preallocates (`XLA_PYTHON_CLIENT_MEM_FRACTION`, default 0.75), on a TPU all."""
-    if target.platform != "cuda":
+    if target.backend != "gpu":
         return target.hbm_bytes
     fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
     return int(fraction * target.hbm_bytes)
@@ -106,18 +107,18 @@ def get(name: str) -> Target:
 
 def check_plugin(target: Target) -> None:
     """A one-line error naming what to install when the target's compiler is missing."""
-    if target.platform == "cuda" and not any(
+    if target.backend == "gpu" and not any(
         importlib.util.find_spec(m) for m in ("jax_cuda13_plugin", "jax_cuda12_plugin")
     ):
         raise ValueError(f"compiling for {target.name} needs JAX's CUDA plugin: {INSTALL_HINT}")
-    if target.platform == "tpu" and importlib.util.find_spec("libtpu") is None:
+    if target.backend == "tpu" and importlib.util.find_spec("libtpu") is None:
         raise ValueError(f"compiling for {target.name} needs libtpu: {INSTALL_HINT}")
 
 
 def topology(target: Target) -> Any:
     """The target's devices, described for the compiler (nothing is attached)."""
     check_plugin(target)
-    if target.platform == "tpu":
+    if target.backend == "tpu":
         # libtpu takes a machine-wide lock on its first load, for the chips; a deviceless
         # compile uses none, so other processes compiling at once (pytest -n 2) need not wait
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -141,12 +142,5 @@ def _gpu_topology(target: Target, text: str) -> Any:
 
 
 def make_mesh(target: Target, num_devices: int = 0) -> Mesh:
-    """A 1-D `data` mesh over the target's first `num_devices` devices (0: all of them), as
-    `train.parallel.make_mesh` builds."""
-    devices = topology(target).devices
-    return Mesh(np.array(devices[: num_devices or target.devices]), ("data",))
-
-
-def platform(target: Target) -> str:
-    """The backend name the steps' compile options are chosen for."""
-    return "gpu" if target.platform == "cuda" else target.platform
+    """`train.parallel.mesh_over` the target's first `num_devices` devices (0: all of them)."""
+    return parallel.mesh_over(topology(target).devices[: num_devices or target.devices])

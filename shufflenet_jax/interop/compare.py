@@ -1,8 +1,8 @@
 """Run torchvision and the converted JAX model on the same input and report their differences.
 
-    python -m shufflenet_jax.interop.compare --width 1.0 [--torch_weights W.pth] [--image F] [--json]
+    python -m shufflenet_jax.interop.compare --width 1.0 [--torch_weights W.pth] [--image F]
 
-Without --weights, torchvision's model gets random weights and random BatchNorm running
+Without --torch_weights, torchvision's model gets random weights and random BatchNorm running
 statistics (not the identity defaults, which would hide layout mistakes). Both models run in
 eval mode. For every stage (conv1, maxpool, stage2, stage3, stage4, conv5) and the logits it prints
 the largest absolute difference, and that difference relative to the largest |value| of the

@@ -1,6 +1,7 @@
 """Convert torchvision ShuffleNet V2 weights to this package's model and back.
 
-    python -m shufflenet_jax.interop.convert --torch_weights shufflenetv2_x1-5666bf0f80.pth --out ckpt/x1_0
+    python -m shufflenet_jax.interop.convert --torch_weights shufflenetv2_x1-5666bf0f80.pth \
+        --out ckpt/x1_0
     python -m shufflenet_jax.interop.convert --to-torch --checkpoint ckpt/x1_0 --out x1_0.pth
 
 The mapping is a rule, not a table: each numeric part of a torchvision key indexes an

@@ -24,6 +24,7 @@ from shufflenet_jax.model.layers import (
     inference_norm,
     is_inference_norm,
 )
+from shufflenet_jax.ops.common import check_array
 
 Array = jax.Array
 
@@ -266,11 +267,12 @@ class ShuffleNetV2(nnx.Module):
 
     def stages(self, x: Array) -> dict[str, Array]:
         """Outputs of every stage in `STAGE_NAMES` and the logits (`fc`), for stage-wise checks."""
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(
-                "ShuffleNetV2 expects NHWC RGB input of shape (batch, height, width, 3), "
-                f"got {x.shape}"
-            )
+        check_array(
+            x,
+            (None, None, None, 3),
+            float,
+            "ShuffleNetV2 expects NHWC RGB input of shape (batch, height, width, 3), floating",
+        )
         if self.fused_inference and self.inference:
             out = self._fused_stages(x)
         else:

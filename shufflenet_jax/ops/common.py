@@ -1,14 +1,29 @@
-"""Helpers shared by the ops: the accumulation dtype, window views, channel matmuls."""
+"""Helpers shared by the ops: the check of an array at a public boundary, the accumulation
+dtype, window views, channel matmuls."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
+
+
+def check_array(x: Any, shape: tuple[int | None, ...], kind: type | None, expected: str) -> None:
+    """One clear ValueError, "`expected`; got DTYPE[SHAPE]", where `x` is not an array of
+    `shape` (None: any size; so the rank too) with a dtype of `kind` (float, int; None: any):
+    chex's checks, on the static shape, so free inside a jitted function."""
+    try:
+        chex.assert_shape(x, shape)
+        if kind is not None:
+            chex.assert_type(x, kind)
+    except AssertionError:
+        got = f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', ()))}"
+        raise ValueError(f"{expected}; got {got}") from None
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:

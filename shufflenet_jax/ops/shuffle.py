@@ -6,14 +6,15 @@ from functools import partial
 
 import jax
 
+from shufflenet_jax.ops.common import check_array
+
 Array = jax.Array
 
 
 @partial(jax.jit, static_argnames="groups")
 def channel_shuffle(x: Array, groups: int) -> Array:
     """Interleave `groups` channel groups: output k*groups+g is input channel g*(C/groups)+k."""
-    if x.ndim != 4:
-        raise ValueError(f"channel_shuffle expects an NHWC array of rank 4, got shape {x.shape}")
+    check_array(x, (None,) * 4, None, "channel_shuffle expects an NHWC array of rank 4")
     n, h, w, c = x.shape
     if groups < 1 or c % groups:
         raise ValueError(

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from shufflenet_jax.model.config import model_kwargs
-from shufflenet_jax.model.network import abstract_model, check_width
-from shufflenet_jax.train.state import TrainState, abstract_state
+from shufflenet_jax.model.inference import split_model
+from shufflenet_jax.model.network import abstract_model
+from shufflenet_jax.train.state import TrainState, abstract_state, uses_ema
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def checkpoint_manager(directory: Path, keep: int, best: bool = False) -> ocp.Ch
 
 def model_description(config: Any) -> dict[str, Any]:
     """What a checkpoint's `meta` item records of the model, to refuse another model's."""
-    return {"width": check_width(config.model.width), "num_classes": config.model.num_classes}
+    kwargs = model_kwargs(config)
+    return {"width": kwargs["width"], "num_classes": kwargs["num_classes"]}
 
 
 class ForeignCheckpointError(ValueError):
@@ -219,13 +220,11 @@ def latest_weights(config: Any, workdir: str | os.PathLike) -> dict[str, Any] | 
     directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         return None
-    _, params, batch_stats = nnx.split(
-        abstract_model(**model_kwargs(config)), nnx.Param, nnx.BatchStat
-    )
+    _, params, batch_stats = split_model(abstract_model(**model_kwargs(config)))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     step = jax.ShapeDtypeStruct((), jnp.int32)
     target = {"step": step, "params": params, "batch_stats": batch_stats}
-    if config.optim.ema_decay > 0:
+    if uses_ema(config):
         target["ema_params"] = params
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
     manager = checkpoint_manager(directory, config.train.keep_checkpoints)

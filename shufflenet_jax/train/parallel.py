@@ -15,20 +15,28 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import multihost
 
+DATA_AXIS = "data"  # the one mesh axis: data parallelism
+
+
+def mesh_over(devices: Any) -> Mesh:
+    """The 1-D `DATA_AXIS` mesh over `devices` (this process's, or a target's described ones):
+    how every mesh of the package is built."""
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-    """A 1-D `data` mesh over the first `num_devices` devices (0: all, of every process)."""
+    """`mesh_over` the first `num_devices` devices (0: all, of every process)."""
     devices = jax.devices()
     if num_devices:
         if num_devices > len(devices):
             raise ValueError(f"num_devices={num_devices}, but only {len(devices)} devices exist")
         devices = devices[:num_devices]
-    return Mesh(np.array(devices), ("data",))
+    return mesh_over(devices)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
     """Arrays split along their first (batch) axis over the mesh."""
-    return NamedSharding(mesh, PartitionSpec("data"))
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

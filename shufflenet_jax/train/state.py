@@ -41,11 +41,17 @@ def create_model(config: Any) -> ShuffleNetV2:
     return model
 
 
+def uses_ema(config: Any) -> bool:
+    """Whether training keeps an exponential moving average of the weights (`ema_params`):
+    the one reading of `config.optim.ema_decay` outside the step's update itself."""
+    return config.optim.ema_decay > 0
+
+
 def create_train_state(config: Any, model: ShuffleNetV2):
     """(graphdef, tx, state) for `model`: step 0, a fresh optimizer state, EMA = the params."""
     graphdef, params, batch_stats = split_model(model)
     tx = optim.make_optimizer(config, params)
-    ema = jax.tree.map(jnp.copy, params) if config.optim.ema_decay > 0 else None
+    ema = jax.tree.map(jnp.copy, params) if uses_ema(config) else None
     state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params), ema)
     return graphdef, tx, state
 
@@ -55,7 +61,7 @@ def abstract_state(config: Any) -> TrainState:
     model = abstract_model(**model_kwargs(config))
     _, params, batch_stats = split_model(model)
     opt_state = jax.eval_shape(optim.make_optimizer(config, params).init, params)
-    ema = params if config.optim.ema_decay > 0 else None
+    ema = params if uses_ema(config) else None
     return TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, batch_stats, opt_state, ema)
 
 

@@ -19,6 +19,7 @@ from shufflenet_jax.data.augment import make_augment
 from shufflenet_jax.data.normalization import standardize
 from shufflenet_jax.model.inference import apply
 from shufflenet_jax.ops import accumulation_dtype
+from shufflenet_jax.ops.common import check_array
 from shufflenet_jax.train.parallel import data_sharding, replicated, to_global
 from shufflenet_jax.train.state import TrainState, compute_dtype
 
@@ -26,6 +27,22 @@ Array = jax.Array
 
 
 Batch = dict[str, Array]
+
+
+def check_batch(batch: Batch, keys: tuple[str, ...]) -> None:
+    """One clear error where a step's batch lacks one of `keys` or one is not what the step
+    takes: NHWC RGB images (uint8 crops or standardized floats), and per image an integer
+    label, a boolean `mask` (real, not padding) and an integer record `index`."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"the batch has no {', '.join(missing)} (it has {', '.join(batch)})")
+    n = batch["image"].shape[0] if getattr(batch["image"], "ndim", 0) else None
+    check_array(batch["image"], (None, None, None, 3), None, "batch['image'] must be NHWC RGB")
+    for key, kind in (("label", int), ("mask", bool), ("index", int)):
+        if key in keys:
+            check_array(
+                batch[key], (n,), kind, f"batch[{key!r}] must be one {kind.__name__} per image"
+            )
 
 
 def make_train_step(
@@ -51,6 +68,7 @@ def make_train_step(
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
+        check_batch(batch, ("image", "label"))
         images = batch["image"]
         if images.dtype == jnp.uint8:
             images = standardize(images) if augment is None else augment(state.step, images)
@@ -129,6 +147,7 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh | None = None, backend: st
     its outputs replicated over `mesh` when given."""
 
     def eval_step(params, batch_stats, batch):
+        check_batch(batch, ("image", "label", "mask", "index"))
         images = batch["image"]
         if images.dtype == jnp.uint8:
             images = standardize(images)
