@@ -47,6 +47,7 @@ def test_the_kernels_are_built_for_the_instruction_set_asked_for():
     status names the march, and the loaded library's machine code uses 512-bit registers
     exactly where g++ says that march has AVX-512 (a build that ignored the variable would
     hold them on an AVX-512 CPU)."""
+    assert kernels.load()
     status = kernels.status()
     assert status.endswith(f" (-march={build.march()})"), status
     library = status.removesuffix(f" (-march={build.march()})")
@@ -191,31 +192,32 @@ def test_build_without_a_compiler_names_the_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path))
     with pytest.raises(kernels.CppBuildError, match="no-such-compiler"):
-        build.build_library(build.CSRC / "kernels.cc")
+        build.build_library("kernels")
 
 
 @pytest.mark.os_level
 def test_build_reuses_the_cached_library(monkeypatch, tmp_path):
     monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path))
-    first = build.build_library(build.CSRC / "kernels.cc")
+    first = build.build_library("kernels")
     stamp = os.stat(first).st_mtime_ns
-    assert build.build_library(build.CSRC / "kernels.cc") == first
+    assert build.build_library("kernels") == first
     assert os.stat(first).st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
 def test_a_changed_shared_header_is_a_new_build(monkeypatch, tmp_path):
-    """vec.h is included by both sources: editing it must not load a library built before."""
+    """vec.h is included by the kernels and resample.cc: editing it must not load a library
+    built before."""
     monkeypatch.setenv("SHUFFLENET_JAX_CACHE", str(tmp_path / "cache"))
     csrc = build.CSRC
     copy = tmp_path / "csrc"
     copy.mkdir()
     for name in ("resample.cc", "vec.h"):
         (copy / name).write_bytes((csrc / name).read_bytes())
-    first = build.build_library(copy / "resample.cc")
+    first = build.build_library("resample", copy)
     with open(copy / "vec.h", "a") as f:
         f.write("// edited\n")
-    second = build.build_library(copy / "resample.cc")
+    second = build.build_library("resample", copy)
     assert second != first and first.exists() and second.exists()
 
 

@@ -17,7 +17,7 @@ _MAGIC = b"\xff\xd8"  # start of image
 @functools.cache
 def _library():
     """The C++ functions, or None (with one warning) where they do not build here."""
-    library, _ = load_or_warn("jpeg.cc", "C++ JPEG decoder", "using Pillow's", ("jpeg",))
+    library, _ = load_or_warn("jpeg", "C++ JPEG decoder", "using Pillow's")
     if library is None:
         return None
     i64, out = ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)

@@ -18,7 +18,7 @@ Box = tuple[float, float, float, float]
 @functools.cache
 def _resize_rgb():
     """The C++ function, or None (with one warning) where the library does not build here."""
-    library, _ = load_or_warn("resample.cc", "C++ resize", "using Pillow's")
+    library, _ = load_or_warn("resample", "C++ resize", "using Pillow's")
     if library is None:
         return None
     f = library.ShufflenetResizeRgb

@@ -1,4 +1,5 @@
-"""Compiling the package's C++ (`csrc/`) with g++ into an on-disk cache, and loading it.
+"""Compiling the package's C++ (`csrc/`, the libraries in `LIBRARIES`) with g++ into an
+on-disk cache, and loading it: the one loader of all of the package's C++.
 
 Each library is compiled with `$CXX` (default `g++`) for this machine (or the `-march` in
 `$SHUFFLENET_JAX_MARCH`) into `$SHUFFLENET_JAX_CACHE` (default `~/.cache/shufflenet_jax`),
@@ -50,12 +51,24 @@ def _cpu_model() -> str:
     return "".join(names[:2]) or platform.processor()
 
 
-def build_library(source_path: Path, libraries: tuple[str, ...] = ()) -> Path:
-    """Compiles a csrc/ file, linked with the system `libraries` (`-l` names), unless a build
-    of this exact source is cached; its path."""
+# Every C++ library of the package: its sources in csrc/ and the system libraries it links.
+LIBRARIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "kernels": (("depthwise_grad.cc", "dense_grad.cc", "batch_norm.cc", "inference.cc"), ()),
+    "jpeg": (("jpeg.cc",), ("jpeg",)),
+    "resample": (("resample.cc",), ()),
+}
+
+
+def build_library(name: str, csrc: Path = CSRC) -> Path:
+    """Compiles library `name` (`LIBRARIES`) from its sources in `csrc`, unless a build of
+    these exact sources is cached; its path."""
+    if name not in LIBRARIES:
+        raise ValueError(f"unknown C++ library {name!r}; the package has {', '.join(LIBRARIES)}")
+    files, libraries = LIBRARIES[name]
+    sources = [csrc / f for f in files]
     compiler = os.environ.get("CXX", "g++")
-    headers = sorted(source_path.parent.glob("*.h"))  # the sources include them: in the key
-    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in headers)
+    headers = sorted(csrc.glob("*.h"))  # the sources include them: in the key
+    source = b"".join(p.read_bytes() for p in [*sources, *headers])
     key = hashlib.sha256(
         source
         + jaxlib.__version__.encode()
@@ -64,45 +77,42 @@ def build_library(source_path: Path, libraries: tuple[str, ...] = ()) -> Path:
         + _cpu_model().encode()  # -march=native: a shared cache must not mix CPU models
     ).hexdigest()[:16]
     cache = _cache_dir()
-    lib = cache / f"{source_path.stem}-{key}.so"
+    lib = cache / f"{name}-{key}.so"
     if lib.exists():
         return lib
     if shutil.which(compiler) is None:
         raise CppBuildError(
-            f"C++ compiler {compiler!r} not found (set CXX); needed to build {source_path.name}"
+            f"C++ compiler {compiler!r} not found (set CXX); needed to build {name}"
         )
     cache.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: concurrent processes never load a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     cmd = [compiler, *_FLAGS, f"-march={march()}", "-isystem", jax.ffi.include_dir()]
-    cmd += [str(source_path), "-o", tmp, *(f"-l{name}" for name in libraries)]
+    cmd += [*map(str, sources), "-o", tmp, *(f"-l{lib_name}" for lib_name in libraries)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         os.unlink(tmp)
-        name = source_path.name
         raise CppBuildError(f"compiling {name} failed:\n{' '.join(cmd)}\n{done.stderr}")
     os.replace(tmp, lib)
     return lib
 
 
-def load_library(name: str, libraries: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """csrc/`name` built (or found in the cache) and loaded through ctypes; CppBuildError
+def load_library(name: str) -> ctypes.CDLL:
+    """Library `name` built (or found in the cache) and loaded through ctypes; CppBuildError
     with the reason where it does not build or load here."""
     try:
-        return ctypes.cdll.LoadLibrary(str(build_library(CSRC / name, libraries)))
+        return ctypes.cdll.LoadLibrary(str(build_library(name)))
     except OSError as e:
         raise CppBuildError(f"loading {name} failed: {e}") from e
 
 
-def load_or_warn(
-    name: str, what: str, instead: str, libraries: tuple[str, ...] = ()
-) -> tuple[ctypes.CDLL | None, str]:
+def load_or_warn(name: str, what: str, instead: str) -> tuple[ctypes.CDLL | None, str]:
     """(`load_library`, ""), or (None, the reason) with one warning, "`what` unavailable,
     `instead`: the reason", where it does not build or load here: how every user of the
     package's C++ loads it."""
     try:
-        return load_library(name, libraries), ""
+        return load_library(name), ""
     except CppBuildError as e:
         warnings.warn(f"{what} unavailable, {instead}: {e}", stacklevel=3)
         return None, str(e)

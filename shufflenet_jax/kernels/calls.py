@@ -1,4 +1,5 @@
-"""The network's C++ CPU kernels (`csrc/kernels.cc`), called through XLA's FFI, and the weight
+"""The network's C++ CPU kernels (`csrc/`: depthwise_grad.cc, dense_grad.cc, batch_norm.cc,
+inference.cc, sharing common.h), called through XLA's FFI, and the weight
 records the fused inference kernels read.
 
 XLA:CPU computes the depthwise kernel gradient as nine reductions over materialized shifted
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shufflenet_jax.kernels.build import CSRC, build_library, load_or_warn, march
+from shufflenet_jax.kernels.build import build_library, load_or_warn, march
 
 Array = jax.Array
 
@@ -33,7 +34,6 @@ _TARGETS = {  # FFI target name: C++ handler symbol
     "shufflenet_stem_pool": "ShufflenetStemPool",
     "shufflenet_stem_conv": "ShufflenetStemConv",
 }
-_SOURCE = "kernels.cc"
 _state: dict[str, bool | str] = {}  # "loaded": registered with XLA; "error": why not
 
 
@@ -42,7 +42,7 @@ def load() -> bool:
     process; False, with one warning naming the reason, where they do not build here (XLA's
     formulations then run everywhere)."""
     if "loaded" not in _state:
-        library, why = load_or_warn(_SOURCE, "C++ kernels", "XLA's formulations run")
+        library, why = load_or_warn("kernels", "C++ kernels", "XLA's formulations run")
         _state["error"] = why
         if library is not None:
             for target, symbol in _TARGETS.items():
@@ -60,7 +60,7 @@ def loaded() -> bool:
 def status() -> str:
     """Where the loaded kernels are, or why XLA's formulations run instead."""
     if loaded():
-        return f"{build_library(CSRC / _SOURCE)} (-march={march()})"
+        return f"{build_library('kernels')} (-march={march()})"
     reason = _state.get("error", "not loaded (shufflenet_jax.kernels.load())")
     return f"unavailable, XLA's formulations run: {reason}"
 

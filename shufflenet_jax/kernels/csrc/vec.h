@@ -1,7 +1,8 @@
 // Vectors of kLanes floats, one machine register each: 16 with AVX-512, else 8 (AVX2's ymm;
 // two q registers with NEON). With 16-float vectors on AVX2, GCC assembled every load and
 // store through general registers and the stack: the stage kernel ran 4x slower than XLA.
-// Shared by kernels.cc and resample.cc (native.py's build key hashes this file too).
+// Shared by the network kernels (common.h) and resample.cc (build.py hashes every header into
+// each library's cache key).
 #pragma once
 
 #include <cstdint>
