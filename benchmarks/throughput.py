@@ -629,7 +629,7 @@ def main() -> None:
         const={},
         default=None,
         help="compile the JAX train step with XLA's default options instead of "
-        "steps.train_compiler_options() (on the CPU: the older loop emitters)",
+        "compiler_options.train_compiler_options() (on the CPU: the older loop emitters)",
     )
     p.add_argument(
         "--xla-default-eval-options",
@@ -638,7 +638,7 @@ def main() -> None:
         const={},
         default=None,
         help="compile the JAX inference step with XLA's default options instead of "
-        "steps.eval_compiler_options() (on the CPU: YNNPACK matmuls)",
+        "compiler_options.eval_compiler_options() (on the CPU: YNNPACK matmuls)",
     )
     p.add_argument(
         "--fake-data",

@@ -148,9 +148,7 @@ def test_the_eval_steps_fused_path_lowers_to_xla_off_the_cpu_and_to_the_kernels_
 
 @pytest.mark.aot
 @pytest.mark.parametrize("target", ["h100", "v5e:2x2"])
-def test_fusion_lab_reads_a_units_bf16_training_kernels_from_the_targets_compiler(
-    target, tmp_path
-):
+def test_fusion_lab_reads_a_units_bf16_training_kernels_from_the_targets_compiler(target, tmp_path):
     """One stride-1 unit's bf16 gradient, with the depthwise convolution as shifted
     multiply-adds and as `lax.conv`: counts agree with the HLO text; on the GPU only the
     latter is a cuDNN call; no timing and no C++ kernel off the CPU."""

@@ -474,3 +474,17 @@ def test_a_cpp_model_that_cannot_build_its_kernels_warns_once_and_traces_xla(mon
         texts = _traces("cpp")
     assert len(warned) == 1
     assert not any("shufflenet_" in text for text in texts)
+
+
+def test_a_cpp_model_on_an_accelerator_backend_builds_nothing_and_traces_xla(monkeypatch):
+    """Where JAX's default backend is a GPU or TPU no program is lowered for the CPU: the
+    "cpp" family builds nothing there (no g++ run, no warning) and traces XLA's formulation."""
+
+    def no_build(*args):
+        raise AssertionError("g++ ran on an accelerator backend")
+
+    monkeypatch.setattr(kernel_calls, "_state", {})
+    monkeypatch.setattr(build, "load_library", no_build)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not any("shufflenet_" in text for text in _traces("cpp"))
+    assert not kernels.loaded()

@@ -146,7 +146,7 @@ def test_export_cli_refuses_a_checkpoint_of_other_classes_in_one_line(tmp_path):
     )  # fmt: skip
     assert out.returncode == 1 and not (tmp_path / "m.onnx").exists()
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "10 classes, but num_classes=1000" in last
+    assert last.startswith("error: ") and "10 classes, but 0.5x with 1000 classes" in last
 
 
 @pytest.fixture(scope="module")

@@ -202,22 +202,19 @@ class TestEveryFormulationComputesTheConvolutionJittedOrRunOpByOp(chex.TestCase)
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(name=sorted(variants.DEPTHWISE), stride=[1, 2])
-    def test_depthwise(self, name, stride):
+    @parameterized.product(
+        op=[("depthwise", name) for name in sorted(variants.DEPTHWISE)]
+        + [("dense", name) for name in sorted(variants.DENSE)],
+        stride=[1, 2],
+    )
+    def test_depthwise_and_dense(self, op, stride):
+        kind, name = op
         rng = np.random.default_rng(6)
-        x = rng.standard_normal((2, 7, 6, 6)).astype(np.float32)
-        w = rng.standard_normal((3, 3, 1, 6)).astype(np.float32)
-        fn = functools.partial(variants.DEPTHWISE[name], stride=stride)
-        self._check(fn, x, w, numpy_conv(x, w, stride, True))
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(name=sorted(variants.DENSE), stride=[1, 2])
-    def test_dense(self, name, stride):
-        rng = np.random.default_rng(7)
-        x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
-        w = rng.standard_normal((3, 3, 3, 8)).astype(np.float32)
-        fn = functools.partial(variants.DENSE[name], stride=stride)
-        self._check(fn, x, w, numpy_conv(x, w, stride))
+        x = rng.standard_normal((2, 7, 6, 6 if kind == "depthwise" else 3)).astype(np.float32)
+        shape = (3, 3, 1, 6) if kind == "depthwise" else (3, 3, 3, 8)
+        w = rng.standard_normal(shape).astype(np.float32)
+        fn = functools.partial(variants.CATALOGS[kind][name], stride=stride)
+        self._check(fn, x, w, numpy_conv(x, w, stride, kind == "depthwise"))
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(*sorted(variants.POINTWISE))

@@ -135,3 +135,22 @@ def test_eval_compiler_options_leave_logits_unchanged(model):
     ]
     assert ynn_calls[1] < ynn_calls[0], ynn_calls
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: {"image": b["image"]}, r"the batch has no label \(it has image\)"),
+        (lambda b: {**b, "label": b["label"][:3]}, r"batch\['label'\] must be one int .*\[3\]"),
+        (lambda b: {**b, "label": b["label"] * 1.0}, r"batch\['label'\] .*float32\[4\]"),
+        (lambda b: {**b, "image": b["image"][..., :1]}, r"NHWC RGB; got float32\[4, 8, 8, 1\]"),
+    ],
+    ids=["missing", "short", "float_labels", "gray"],
+)
+def test_a_train_step_names_what_is_wrong_with_a_batch_in_one_error(change, message):
+    graphdef, params, stats = split_model(shufflenet_v2_x0_5(num_classes=10, rngs=nnx.Rngs(0)))
+    tx = optax.sgd(0.05)
+    state = TrainState(jnp.zeros((), jnp.int32), params, stats, tx.init(params), None)
+    batch = {"image": jnp.zeros((4, 8, 8, 3)), "label": jnp.arange(4)}
+    with pytest.raises(ValueError, match=message):
+        make_train_step(graphdef, tx)(state, change(batch))

@@ -30,28 +30,22 @@ def train_transform(config: Any) -> pipeline.TrainTransform:
 
 def train_dataset(config: Any, split: pipeline.Split, batch_size: int) -> grain.IterDataset:
     """This process's endless, seeded, augmented training batches of `split`."""
-    d = config.data
-    return pipeline.train_dataset(
-        split,
-        batch_size=batch_size,
-        transform=train_transform(config),
-        seed=config.train.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        skip_corrupt=d.skip_corrupt,
-        worker_count=d.worker_count,
-        read_threads=d.read_threads,
-        read_buffer_batches=d.read_buffer_batches,
-    )
+    transform, seed = train_transform(config), config.train.seed
+    return pipeline.train_dataset(split, batch_size=batch_size, transform=transform, seed=seed,
+                                  **_reading(config))  # fmt: skip
 
 
 def eval_dataset(config: Any, split: pipeline.Split, batch_size: int) -> grain.IterDataset:
     """This process's padded evaluation batches of `split` with the config's preprocessing."""
+    transform = pipeline.EvalTransform(config.data.image_size, config.data.eval_resize)
+    return pipeline.eval_dataset(split, batch_size=batch_size, transform=transform,
+                                 **_reading(config))  # fmt: skip
+
+
+def _reading(config: Any) -> dict[str, Any]:
+    """How this process reads its share of a split, as the config's `data` section says."""
     d = config.data
-    return pipeline.eval_dataset(
-        split,
-        batch_size=batch_size,
-        transform=pipeline.EvalTransform(d.image_size, d.eval_resize),
+    return dict(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         skip_corrupt=d.skip_corrupt,

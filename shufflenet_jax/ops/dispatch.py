@@ -34,11 +34,12 @@ def check_kernels(name: str) -> str:
 
 def cpp_applies(kernels: str, *arrays: Array) -> bool:
     """Whether the C++ kernels replace XLA's formulation on these arrays when lowered for the
-    CPU: the "cpp" family, float32 arrays, and the kernels built and registered here (once per
-    process, on first use; `shufflenet_jax.kernels.load`)."""
+    CPU: the "cpp" family, float32 arrays, the CPU as JAX's default backend (a process on a
+    GPU or TPU never lowers for the CPU, so it builds nothing), and the kernels built and
+    registered here (once per process, on first use; `shufflenet_jax.kernels.load`)."""
     if kernels != "cpp" or not all(a.dtype == jnp.float32 for a in arrays):
         return False
-    return cpp.load()
+    return jax.default_backend() == "cpu" and cpp.load()
 
 
 def on_cpu(kernels: str, kernel: Callable[..., Any], otherwise: Any, *args: Array) -> Any:
