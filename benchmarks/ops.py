@@ -5,8 +5,9 @@ shapes (batch 32, 224x224 input), in one process: where the whole-network number
 
 Each row is an op at the shape where the network uses it; times are medians in milliseconds of
 the jitted forward and of the jitted gradient w.r.t. input and weights (a weighted sum as loss),
-gradients compiled with the training step's options (`compiler_options.train_compiler_options`). The last
-rows time formulations of the depthwise kernel gradient alone (candidates for a custom VJP).
+gradients compiled with the training step's options
+(`compiler_options.train_compiler_options`). The last rows time formulations of the depthwise
+weight gradient alone (candidates for a custom VJP).
 """
 
 from __future__ import annotations
