@@ -149,7 +149,7 @@ def test_cpp_stem_conv_rejects_mismatched_shapes(x_shape, kernel_shape):
 
 @pytest.mark.parametrize(
     "kernel_shape, stride, message",
-    [((3, 3, 4, 24), 2, "not NHWC with the kernel's 4 channels"), ((3, 3, 3, 65), 2, "1 to 64")],
+    [((3, 3, 4, 24), 2, "not NHWC with the weight's 4 channels"), ((3, 3, 3, 65), 2, "1 to 64")],
 )
 def test_cpp_dense_kernel_grad_rejects_unsupported_shapes(kernel_shape, stride, message):
     x = jnp.zeros((1, 8, 8, 3))

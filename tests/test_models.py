@@ -239,3 +239,26 @@ def test_input_must_be_rank4_nhwc_rgb(model, shape):
 def test_input_must_be_floating_point_and_the_error_names_what_it_got(model):
     with pytest.raises(ValueError, match=r"floating; got int32\[1, 32, 32, 3\]$"):
         model(jnp.zeros((1, 32, 32, 3), jnp.int32))
+
+
+def test_the_configs_kernel_family_reaches_every_layer_and_a_bad_one_is_an_error():
+    """`config.model.kernels` is the program's one choice: `model_kwargs` gives the model an
+    `Impl` of that family, which every layer keeps (an "xla" model traces no C++ call in
+    training or inference, whatever the process loaded); an unknown family names the known."""
+    from configs import digits
+    from shufflenet_jax import kernels
+    from shufflenet_jax.model.config import model_kwargs
+
+    kernels.load()
+    config = digits.get_config()
+    config.model.kernels = "xla"
+    model = ShuffleNetV2(**model_kwargs(config), rngs=nnx.Rngs(0))
+    families = {m.kernels for _, m in nnx.iter_graph(model) if hasattr(m, "kernels")}
+    assert families == {"xla"}
+    x = jnp.zeros((2, 32, 32, 3))
+    train = str(jax.make_jaxpr(nnx.grad(lambda m: m(x).sum()))(model))
+    model.eval()
+    assert "shufflenet_" not in train + str(jax.make_jaxpr(model)(x))
+    config.model.kernels = "cuda"
+    with pytest.raises(ValueError, match="unknown kernel family 'cuda'; choose one of xla, cpp"):
+        model_kwargs(config)

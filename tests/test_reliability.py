@@ -238,6 +238,7 @@ def test_a_failed_background_save_stops_training_at_once_and_keeps_the_last_good
         (["--config.train.checkpoint_every=0"], "config.train.checkpoint_every must be"),
         (["--config.train.batch_size=-8"], "batch_size must be a positive number of images"),
         (["--config.data.data_dir=/nonexistent"], "not prepared"),
+        (["--config.model.kernels=cuda"], "unknown kernel family 'cuda'; choose one of xla, cpp"),
     ],
 )
 def test_bad_settings_are_one_line_errors_and_leave_no_workdir(args, message, tmp_path):

@@ -2,8 +2,8 @@
 inference.cc, sharing common.h), called through XLA's FFI, and the weight
 records the fused inference kernels read.
 
-XLA:CPU computes the depthwise kernel gradient as nine reductions over materialized shifted
-windows, the 3-channel stem's kernel gradient through stacked windows, and BatchNorm's
+XLA:CPU computes the depthwise weight gradient as nine reductions over materialized shifted
+windows, the 3-channel stem's weight gradient through stacked windows, and BatchNorm's
 per-channel sums as one reduction each; the C++ kernels read their inputs once. For inference
 with BatchNorm folded, the stem with its max-pool and each stage of units run as one call,
 keeping each image's activations in the cache between layers (docs/performance.md).
@@ -79,15 +79,15 @@ def _check_float32(name: str, *arrays: Array) -> None:
         raise ValueError(f"{name}: needs float32, got {', '.join(str(a.dtype) for a in arrays)}")
 
 
-def _conv_output_shape(x_shape, kernel_shape, stride: int) -> tuple[int, int, int, int]:
+def _conv_output_shape(x_shape, weight_shape, stride: int) -> tuple[int, int, int, int]:
     n, h, w, _ = x_shape
-    kh, kw = kernel_shape[:2]
+    kh, kw = weight_shape[:2]
     ph, pw = kh // 2, kw // 2
-    return n, (h + 2 * ph - kh) // stride + 1, (w + 2 * pw - kw) // stride + 1, kernel_shape[3]
+    return n, (h + 2 * ph - kh) // stride + 1, (w + 2 * pw - kw) // stride + 1, weight_shape[3]
 
 
 def depthwise_weight_grad(x: Array, g: Array, stride: int) -> Array:
-    """Gradient of a 3x3 depthwise conv (padding 1) w.r.t. its HWIO kernel, on the CPU.
+    """Gradient of a 3x3 depthwise conv (padding 1) w.r.t. its HWIO weight, on the CPU.
 
     x: the conv's float32 NHWC input; g: the gradient of its output. Returns (3, 3, 1, C).
     """
@@ -105,26 +105,26 @@ def depthwise_weight_grad(x: Array, g: Array, stride: int) -> Array:
     return dk.reshape(3, 3, 1, c)
 
 
-def _check_dense(name: str, x: Array, kernel_shape, stride: int) -> None:
-    kh, kw, cin, cout = kernel_shape
+def _check_dense(name: str, x: Array, weight_shape, stride: int) -> None:
+    kh, kw, cin, cout = weight_shape
     if kh != kw or kh % 2 == 0 or stride < 1 or not 1 <= cout <= 64:
         raise ValueError(
-            f"{name}: needs an odd square kernel with 1 to 64 outputs and stride >= 1, "
-            f"got kernel {tuple(kernel_shape)} and stride {stride}"
+            f"{name}: needs an odd square weight with 1 to 64 outputs and stride >= 1, "
+            f"got weight {tuple(weight_shape)} and stride {stride}"
         )
     if x.ndim != 4 or x.shape[-1] != cin:
-        raise ValueError(f"{name}: input {x.shape} is not NHWC with the kernel's {cin} channels")
+        raise ValueError(f"{name}: input {x.shape} is not NHWC with the weight's {cin} channels")
 
 
-def dense_weight_grad(x: Array, g: Array, kernel_shape: tuple[int, ...], stride: int) -> Array:
-    """Gradient of a dense conv (odd square HWIO kernel, padding k//2, at most 64 output
-    channels) w.r.t. its kernel: (kh, kw, C_in, C_out), on the CPU. For few input channels."""
-    _check_dense("dense_weight_grad", x, kernel_shape, stride)
-    want = _conv_output_shape(x.shape, kernel_shape, stride)
+def dense_weight_grad(x: Array, g: Array, weight_shape: tuple[int, ...], stride: int) -> Array:
+    """Gradient of a dense conv (odd square HWIO weight, padding k//2, at most 64 output
+    channels) w.r.t. its weight: (kh, kw, C_in, C_out), on the CPU. For few input channels."""
+    _check_dense("dense_weight_grad", x, weight_shape, stride)
+    want = _conv_output_shape(x.shape, weight_shape, stride)
     if g.shape != want:
         raise ValueError(f"dense_weight_grad: output gradient has shape {g.shape}, expected {want}")
     _check_float32("dense_weight_grad", x, g)
-    return _call("shufflenet_dense_kernel_grad", tuple(kernel_shape), x, g, stride=stride)
+    return _call("shufflenet_dense_kernel_grad", tuple(weight_shape), x, g, stride=stride)
 
 
 def channel_moments(x: Array) -> tuple[Array, Array]:
@@ -161,7 +161,7 @@ UnitWeights = NamedTuple(
 UnitWeights.__doc__ = """A stride-1 unit's weights in the order kernels.cc reads them: branch 2's
 1x1 (C/2, half), 3x3 depthwise (9, half) and 1x1 (half, half) kernels, each followed by its
 inference BatchNorm's gamma, beta, running mean and variance (half,). kernels.cc folds each
-into its kernel while copying it (a folded model passes gamma 1, mean 0, var 1 and eps 0)."""
+into its weight while copying it (a folded model passes gamma 1, mean 0, var 1 and eps 0)."""
 
 DownUnitWeights = NamedTuple(
     "DownUnitWeights",
@@ -174,18 +174,18 @@ first 1x1 reads all C_in channels), then branch 1's depthwise (9, C_in) and 1x1 
 kernels, each followed by its BatchNorm's four buffers."""
 _ONE, _DOWN = len(UnitWeights._fields), len(DownUnitWeights._fields)
 
-ConvNorm = tuple[Array, tuple[Array, Array, Array, Array]]  # HWIO kernel; gamma, beta, mean, var
+ConvNorm = tuple[Array, tuple[Array, Array, Array, Array]]  # HWIO weight; gamma, beta, mean, var
 
 
 def pack_unit(
     branch2: tuple[ConvNorm, ConvNorm, ConvNorm], branch1: tuple[ConvNorm, ...] = ()
 ) -> UnitWeights | DownUnitWeights:
-    """A unit's convolutions, each an HWIO kernel with its inference BatchNorm's buffers
+    """A unit's convolutions, each an HWIO weight with its inference BatchNorm's buffers
     (branch 2: 1x1, 3x3 depthwise, 1x1; branch 1 of a stride-2 unit: 3x3 depthwise, 1x1), as
     the record `shuffle_stage` reads: kernels flattened to (taps * C_in, C_out)."""
     flat = []
-    for kernel, norm in (*branch2, *branch1):
-        flat += [kernel.reshape(-1, kernel.shape[-1]), *norm]
+    for weight, norm in (*branch2, *branch1):
+        flat += [weight.reshape(-1, weight.shape[-1]), *norm]
     return DownUnitWeights(*flat) if branch1 else UnitWeights(*flat)
 
 
@@ -232,37 +232,37 @@ def shuffle_stage(x: Array, units: list[tuple[Array, ...]], eps: float) -> Array
     return _call("shufflenet_stage", shape, x, *weights, first_stride=first_stride, eps=eps)
 
 
-def stem_pool(x: Array, kernel: Array, norm: tuple[Array, ...], eps: float) -> Array:
-    """max_pool_3x3_s2(relu(BN(conv_3x3_s2(x, kernel)))) on the CPU, both padded by 1: the
+def stem_pool(x: Array, weight: Array, norm: tuple[Array, ...], eps: float) -> Array:
+    """max_pool_3x3_s2(relu(BN(conv_3x3_s2(x, weight)))) on the CPU, both padded by 1: the
     ShuffleNet V2 stem in inference, `norm` its BatchNorm's (gamma, beta, mean, var). x float32
-    NHWC, kernel HWIO (3, 3, C_in, C_out)."""
-    _check_float32("stem_pool", x, kernel, *norm)
-    cout = kernel.shape[3:]
+    NHWC, weight HWIO (3, 3, C_in, C_out)."""
+    _check_float32("stem_pool", x, weight, *norm)
+    cout = weight.shape[3:]
     if (
         x.ndim != 4
-        or kernel.shape[:3] != (3, 3, x.shape[-1])
+        or weight.shape[:3] != (3, 3, x.shape[-1])
         or len(norm) != len(_NORM)
         or any(a.shape != cout for a in norm)
     ):
         raise ValueError(
-            f"stem_pool: x {x.shape} (NHWC), kernel {kernel.shape} (3, 3, C_in, C_out) and "
+            f"stem_pool: x {x.shape} (NHWC), weight {weight.shape} (3, 3, C_in, C_out) and "
             f"BatchNorm {[a.shape for a in norm]} (4 of C_out) do not match"
         )
     n, h, w, _ = x.shape
-    shape = (n, (h - 1) // 2 // 2 + 1, (w - 1) // 2 // 2 + 1, kernel.shape[3])
-    kernel = kernel.reshape(-1, kernel.shape[3])
-    return _call("shufflenet_stem_pool", shape, x, kernel, *norm, eps=eps)
+    shape = (n, (h - 1) // 2 // 2 + 1, (w - 1) // 2 // 2 + 1, weight.shape[3])
+    weight = weight.reshape(-1, weight.shape[3])
+    return _call("shufflenet_stem_pool", shape, x, weight, *norm, eps=eps)
 
 
-def stem_conv(x: Array, kernel: Array) -> Array:
-    """conv_3x3_s2(x, kernel), padded by 1, on the CPU: the stem's convolution (training forward
-    pass). x float32 NHWC, kernel HWIO (3, 3, C_in, C_out)."""
-    _check_float32("stem_conv", x, kernel)
-    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
+def stem_conv(x: Array, weight: Array) -> Array:
+    """conv_3x3_s2(x, weight), padded by 1, on the CPU: the stem's convolution (training forward
+    pass). x float32 NHWC, weight HWIO (3, 3, C_in, C_out)."""
+    _check_float32("stem_conv", x, weight)
+    if x.ndim != 4 or weight.ndim != 4 or weight.shape[:3] != (3, 3, x.shape[-1]):
         raise ValueError(
-            f"stem_conv: x {x.shape} (NHWC) and kernel {kernel.shape} (3, 3, C_in, C_out) "
+            f"stem_conv: x {x.shape} (NHWC) and weight {weight.shape} (3, 3, C_in, C_out) "
             "do not match"
         )
     n, h, w, _ = x.shape
-    shape = (n, (h - 1) // 2 + 1, (w - 1) // 2 + 1, kernel.shape[3])
-    return _call("shufflenet_stem_conv", shape, x, kernel.reshape(-1, kernel.shape[3]))
+    shape = (n, (h - 1) // 2 + 1, (w - 1) // 2 + 1, weight.shape[3])
+    return _call("shufflenet_stem_conv", shape, x, weight.reshape(-1, weight.shape[3]))

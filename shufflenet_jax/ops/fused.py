@@ -20,7 +20,7 @@ Array = jax.Array
 
 
 class UnitConvs(NamedTuple):
-    """An inference unit's convolutions, each an HWIO kernel with its inference BatchNorm's
+    """An inference unit's convolutions, each an HWIO weight with its inference BatchNorm's
     (gamma, beta, mean, var): branch 2's 1x1, 3x3 depthwise and 1x1, and a stride-2 unit's
     branch 1 (3x3 depthwise, 1x1; empty for stride 1)."""
 
