@@ -5,8 +5,8 @@
 `interop` (torchvision weights, comparison, export), `data` (datasets, the input pipeline,
 calibration images), `train` (state, step, loop), `sources`, `evaluation`, `recalibration`,
 `classification`, `aot` (compiling for GPUs and TPUs without them), `process` (start-up),
-`cli` (one-line errors) and `compiler_options`. Importing this loads JAX and Flax only: no
-orbax, optax, grain or TensorFlow (tests/test_imports.py).
+`cli` (one-line errors) and `compiler_options`. Importing this loads JAX, Flax and chex: no
+orbax, grain or TensorFlow, and optax only as `flax.nnx` imports it (tests/test_imports.py).
 """
 
 from shufflenet_jax.model import (

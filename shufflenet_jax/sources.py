@@ -31,8 +31,7 @@ def load_models(
     given = [x for x in (workdir, checkpoint_dir, torch_weights) if x is not None]
     if len(given) != 1:
         raise ValueError("give exactly one of --workdir, --checkpoint, --torch_weights")
-    kwargs = model_kwargs(config)
-    expected = dict(width=kwargs.pop("width"), num_classes=kwargs.pop("num_classes"), **kwargs)
+    expected = model_kwargs(config)  # width and classes checked, the rest build the model
     if checkpoint_dir is not None:
         model = model_file.restore_model(checkpoint_dir, **expected)
         report(f"weights: the model checkpoint {checkpoint_dir}")
@@ -44,7 +43,7 @@ def load_models(
     weights = checkpoints.latest_weights(config, workdir)
     if weights is None:
         raise ValueError(f"{workdir} has no usable training checkpoint")
-    graphdef = nnx.graphdef(abstract_model(**model_kwargs(config)))
+    graphdef = nnx.graphdef(abstract_model(**expected))
     models = {"model": nnx.merge(graphdef, weights["params"], weights["batch_stats"])}
     if "ema_params" in weights:
         models["ema"] = nnx.merge(graphdef, weights["ema_params"], weights["batch_stats"])

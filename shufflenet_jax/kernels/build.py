@@ -108,10 +108,13 @@ def _compile_and_link(
         for i, source in enumerate(sources):
             cmd = [compiler, *compile_flags, str(source), "-o", f"{objects}/{i}.o"]
             jobs.append((cmd, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)))
-        for cmd, job in jobs:
-            _, err = job.communicate()
-            if job.returncode != 0:
-                raise CppBuildError(f"{' '.join(cmd)}\n{err}")
+        failed = []
+        for cmd, job in jobs:  # every g++ finishes before an error is raised
+            err = job.communicate()[1]
+            if job.returncode:
+                failed.append(f"{' '.join(cmd)}\n{err}")
+        if failed:
+            raise CppBuildError("\n".join(failed))
         cmd = [compiler, "-shared", *(f"{objects}/{i}.o" for i in range(len(sources)))]
         cmd += ["-o", out, *(f"-l{lib_name}" for lib_name in libraries)]
         done = subprocess.run(cmd, capture_output=True, text=True)

@@ -36,8 +36,8 @@ def check_batch(batch: Batch, keys: tuple[str, ...]) -> None:
     missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(f"the batch has no {', '.join(missing)} (it has {', '.join(batch)})")
-    n = batch["image"].shape[0] if getattr(batch["image"], "ndim", 0) else None
     check_array(batch["image"], (None, None, None, 3), None, "batch['image'] must be NHWC RGB")
+    n = batch["image"].shape[0]
     for key, kind in (("label", int), ("mask", bool), ("index", int)):
         if key in keys:
             check_array(
